@@ -1,0 +1,131 @@
+"""The `lmtk` command: parse, compose, dispatch. No training logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from lmtk.errors import UserError
+
+app = typer.Typer(
+    help="lmtk: train small language models on one GPU (or a laptop).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ARGS_HELP = "[RECIPE] [key=value ...]: a recipe name (default: 'default') and Hydra overrides (key=value, group=option, +new.key=value)"
+
+
+def _split(args: Optional[List[str]]) -> tuple[str, list[str]]:
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return "default", args
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...")):
+    """Pretrain a language model (CLM, MLM) on a step, token, epoch or wall-clock budget."""
+    from lmtk.config import compose
+    from lmtk.train.pretrain import run
+
+    recipe, overrides = _split(args)
+    cfg = compose(recipe, overrides)
+    run(cfg, recipe, overrides)
+
+
+@app.command()
+def recipes():
+    """List the recipes shipped with lmtk."""
+    import yaml
+    from rich.table import Table
+
+    from lmtk.config import recipe_names, recipes_dir
+    from lmtk.log import console
+
+    t = Table(title="recipes  (lmtk train RECIPE key=value ...)")
+    t.add_column("recipe", style="bold")
+    t.add_column("description")
+    for name in recipe_names():
+        desc = (yaml.safe_load((recipes_dir() / f"{name}.yaml").read_text()) or {}).get("description", "")
+        t.add_row(name, desc)
+    console.file = sys.stdout
+    console.print(t)
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def config(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...")):
+    """Print the composed, resolved config of a recipe with overrides applied."""
+    from lmtk.config import compose, to_yaml
+
+    recipe, overrides = _split(args)
+    typer.echo(to_yaml(compose(recipe, overrides)), nl=False)
+
+
+@app.command()
+def runs(
+    root: str = typer.Option(None, "--root", help="runs directory (default: $LMTK_RUNS or ./runs)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Table of runs: name, kind, status, steps, tokens, val loss, created."""
+    from rich.table import Table
+
+    from lmtk.log import console
+    from lmtk.runs import list_runs
+
+    rows = list_runs(root or os.environ.get("LMTK_RUNS", "runs"))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title=f"runs in {root or os.environ.get('LMTK_RUNS', 'runs')}")
+    for col in ("name", "kind", "status", "steps", "tokens", "val loss", "created"):
+        t.add_column(col, justify="right" if col in ("steps", "tokens", "val loss") else "left")
+    for r in rows:
+        vl = r.get("val_loss")
+        t.add_row(
+            r["name"], r.get("kind", "?"), r.get("status", "?"),
+            f"{r['steps']:,}" if r.get("steps") is not None else "-",
+            f"{r['tokens']:,}" if r.get("tokens") is not None else "-",
+            f"{vl:.4f}" if vl is not None else "-", r.get("created", "?"),
+        )
+    console.file = sys.stdout
+    console.print(t)
+
+
+def _click_error(err: Exception) -> bool:
+    # typer vendors click (typer._click), so match its exceptions by shape, not by class.
+    return hasattr(err, "format_message") and hasattr(err, "exit_code")
+
+
+def main() -> None:
+    debug = os.environ.get("LMTK_DEBUG") == "1"
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted (second Ctrl-C): stopped at once, without a checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        from lmtk.train.loop import Interrupted
+
+        if isinstance(err, Interrupted):
+            print(str(err), file=sys.stderr)
+            sys.exit(err.exit_code)
+        if type(err).__name__ == "Abort":
+            print("aborted", file=sys.stderr)
+            sys.exit(130)
+        if _click_error(err) and not debug:
+            print(f"error: {err.format_message()}  (lmtk --help)", file=sys.stderr)
+            sys.exit(2)
+        raise

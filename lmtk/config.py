@@ -1,0 +1,181 @@
+"""Compose recipes with Hydra's compose API (no chdir, no output dirs) and validate them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmtk.errors import UserError, suggest
+from lmtk.schema import CHOICES, Config
+
+_PKG = Path(__file__).resolve().parent
+
+
+def _find(name: str) -> Path:
+    # Installed wheel: lmtk/conf; source checkout or editable install: <repo>/conf.
+    for cand in (_PKG / name, _PKG.parent / name):
+        if cand.is_dir():
+            return cand
+    raise RuntimeError(f"lmtk is installed without its {name}/ directory")
+
+
+def conf_dir() -> Path:
+    return _find("conf")
+
+
+def recipes_dir() -> Path:
+    return _find("recipes")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def groups() -> list[str]:
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+
+
+def _recipe_location(recipe: str) -> tuple[Path, str]:
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {recipe}")
+        return path.resolve().parent, path.stem
+    if recipe not in recipe_names():
+        raise UserError(
+            f"unknown recipe '{recipe}'{suggest(recipe, recipe_names())}; `lmtk recipes` lists them"
+        )
+    return recipes_dir(), recipe
+
+
+def _flat_keys(cfg, prefix: str = "") -> Iterable[str]:
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        yield key
+        if isinstance(v, (dict, DictConfig)):
+            yield from _flat_keys(v, key + ".")
+
+
+def _compose_raw(recipe: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    where, name = _recipe_location(recipe)
+    search = [f"file://{conf_dir()}"] + ([f"file://{recipes_dir()}"] if where != recipes_dir() else [])
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(where), version_base=None):
+        return compose(name, overrides=list(overrides) + [f"hydra.searchpath=[{','.join(search)}]"])
+
+
+def _override_error(recipe: str, overrides: list[str], err: Exception) -> UserError:
+    msg = str(err)
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+    if m:
+        group, option = m.groups()
+        if group not in groups():
+            return UserError(f"unknown config group '{group}'{suggest(group, groups())}")
+        return UserError(
+            f"unknown option '{option}' for {group}{suggest(option, group_options(group))}; "
+            f"choices: {', '.join(group_options(group))}"
+        )
+    m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        key = m.group(1)
+        try:
+            keys = list(_flat_keys(OmegaConf.to_container(_compose_raw(recipe, []), resolve=False)))
+        except Exception:
+            keys = []
+        return UserError(
+            f"unknown config key '{key}'{suggest(key, keys)}; to add a new key write +{key}=..."
+        )
+    first = msg.strip().splitlines()[0] if msg.strip() else type(err).__name__
+    return UserError(f"bad override: {first}")
+
+
+def compose(recipe: str = "default", overrides: Iterable[str] = ()) -> DictConfig:
+    """The resolved, validated config of `recipe` with `key=value` overrides applied."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException as OCE
+
+    overrides = list(overrides)
+    for o in overrides:
+        if "=" not in o:
+            raise UserError(f"override '{o}' is not key=value (e.g. budget.steps=100)")
+    try:
+        raw = _compose_raw(recipe, overrides)
+    except (HydraException, OCE) as err:
+        raise _override_error(recipe, overrides, err) from None
+    # `+new.key=value` adds keys the schema does not know; keep them beside the checked config.
+    extras = {o[1:].split("=", 1)[0] for o in overrides if o.startswith("+") and not o.startswith("++")}
+    return validate(raw, extras)
+
+
+def validate(raw: DictConfig, extras: Iterable[str] = ()) -> DictConfig:
+    """Merge onto the typed schema (unknown keys, wrong types) and check the choices."""
+    added = {}
+    OmegaConf.set_struct(raw, False)
+    for key in extras:
+        added[key] = OmegaConf.select(raw, key)
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(raw, parent) if parent else raw
+        node.pop(leaf, None)
+    try:
+        OmegaConf.resolve(raw)
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        detail = str(getattr(err, "msg", err)).splitlines()[0]
+        if "not in struct" in detail or "Key '" in detail and "not" in detail:
+            keys = list(_flat_keys(OmegaConf.to_container(OmegaConf.structured(Config))))
+            raise UserError(f"unknown config key '{key}'{suggest(key, keys)}") from None
+        raise UserError(f"invalid value for {key}: {detail}") from None
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(f"{key}={value} is not one of: {', '.join(allowed)}{suggest(str(value), allowed)}")
+    _check(cfg)
+    OmegaConf.set_struct(cfg, False)
+    for key, value in added.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _check(cfg) -> None:
+    b = cfg.budget
+    if all(v is None for v in (b.steps, b.tokens, b.hours, b.epochs)):
+        raise UserError("no budget: set one of budget.steps, budget.tokens, budget.hours, budget.epochs")
+    for k in ("steps", "tokens", "hours", "epochs"):
+        v = b[k]
+        if v is not None and v <= 0:
+            raise UserError(f"budget.{k}={v} must be positive")
+    t = cfg.train
+    if t.micro_batch_size <= 0 or t.batch_size <= 0:
+        raise UserError("train.batch_size and train.micro_batch_size must be positive")
+    if t.batch_size % t.micro_batch_size:
+        raise UserError(
+            f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}"
+        )
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
+        raise UserError("rope needs an even head dimension (model.d_model / model.n_heads)")
+    if m.positions == "learned" and cfg.data.seq_len > m.max_seq_len:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0 < cfg.objective.mask_rate < 1:
+        raise UserError("objective.mask_rate must be between 0 and 1")
+    if cfg.data.seq_len < 2:
+        raise UserError("data.seq_len must be at least 2")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,1 @@
+"""Data: text sources -> tokenizer -> packed token cache -> batches."""

@@ -1,0 +1,145 @@
+"""Tokenise documents once into a flat token stream cached as a memmap, then cut windows.
+
+The cache holds one flat stream per split (documents joined by [SEP]) keyed by the data
+and the tokenizer; windows of data.seq_len are cut at load time, so changing seq_len
+reuses the cache. uint16 when the vocabulary fits, else uint32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from lmtk.data.tokenizer import Tokenizer, cache_root
+from lmtk.errors import UserError
+
+BATCH_DOCS = 512  # documents per encode_batch call (the Rust side parallelises within a batch)
+
+
+def _batches(docs: Iterable[str], n: int) -> Iterator[list[str]]:
+    buf: list[str] = []
+    for d in docs:
+        buf.append(d)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype) -> tuple[int, int]:
+    """Stream documents through the tokenizer into a raw binary file. Returns (tokens, chars)."""
+    n_tok = n_chars = 0
+    with open(path, "wb") as f:
+        for batch in _batches(docs, BATCH_DOCS):
+            n_chars += sum(map(len, batch))
+            ids = tok.encode_batch(batch)
+            flat = np.fromiter(
+                (t for seq in ids for t in (*seq, tok.eos_id)), dtype=dtype, count=sum(len(s) + 1 for s in ids)
+            )
+            f.write(flat.tobytes())
+            n_tok += len(flat)
+        f.flush()
+        os.fsync(f.fileno())
+    return n_tok, n_chars
+
+
+class TokenCache:
+    """Flat token streams of the train and val splits, tokenised once per (data, tokenizer)."""
+
+    def __init__(self, source, tok: Tokenizer, seq_len: int):
+        self.tok = tok
+        self.dtype = np.uint16 if tok.vocab_size < 65536 else np.uint32
+        key = hashlib.sha256(f"{source.fingerprint()}:{tok.fingerprint()}".encode()).hexdigest()[:16]
+        self.dir = cache_root() / "tokens" / key
+        self.hit = (self.dir / "meta.json").is_file()
+        if not self.hit:
+            self._build(source)
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.train = np.memmap(self.dir / "train.bin", dtype=self.dtype, mode="r")
+        self.val = np.memmap(self.dir / "val.bin", dtype=self.dtype, mode="r") if self.meta["val_tokens"] else None
+        self._ensure_sizes(seq_len)
+
+    def _build(self, source) -> None:
+        tmp = self.dir.with_name(self.dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        n_train, chars = tokenize_to_file(source.documents("train"), self.tok, tmp / "train.bin", self.dtype)
+        n_val, _ = tokenize_to_file(source.documents("val"), self.tok, tmp / "val.bin", self.dtype)
+        meta = {
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            "train_chars": chars,
+            "dtype": np.dtype(self.dtype).name,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if self.dir.exists():  # another process won the race; keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, self.dir)
+
+    def _ensure_sizes(self, seq_len: int) -> None:
+        if len(self.train) == 0:
+            raise UserError("the training data is empty (no text after reading); check data.train")
+        if self.val is None or len(self.val) < seq_len:
+            # Too few held-out documents (tiny corpus): hold out the tail of the stream instead.
+            n_val = max(seq_len, int(len(self.train) * 0.01))
+            if len(self.train) - n_val < seq_len:
+                raise UserError(
+                    f"the data has {len(self.train)} tokens, fewer than two sequences of data.seq_len={seq_len}; "
+                    "give more text or lower data.seq_len"
+                )
+            self.val = self.train[-n_val:]
+            self.train = self.train[:-n_val]
+
+
+class Batches:
+    """Fixed-length windows of a token stream, visited in a seeded permutation per epoch.
+
+    Stateless by design: sample number s (counted from the start of training) always maps
+    to the same window, so the data position is one integer and resume is exact."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.n = len(tokens) // seq_len
+        self._epoch, self._perm = -1, None
+
+    def window(self, sample: int) -> int:
+        epoch, i = divmod(sample, self.n)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self._perm[i])
+
+    def get(self, start: int, count: int, pin: bool = False) -> torch.Tensor:
+        L = self.seq_len
+        rows = np.stack([self.tokens[w * L : (w + 1) * L] for w in (self.window(s) for s in range(start, start + count))])
+        t = torch.from_numpy(rows.astype(np.int64))
+        return t.pin_memory() if pin else t
+
+    def ordered(self, max_tokens: int, batch: int) -> Iterator[torch.Tensor]:
+        """The first max_tokens worth of windows, in order (validation)."""
+        n = max(1, min(self.n, max_tokens // self.seq_len))
+        L = self.seq_len
+        for start in range(0, n, batch):
+            stop = min(n, start + batch)
+            yield torch.from_numpy(np.asarray(self.tokens[start * L : stop * L], dtype=np.int64).reshape(-1, L))
+
+
+def unigram_bpb(train: np.ndarray, val: np.ndarray, vocab: int, token_bytes: np.ndarray) -> tuple[float, float]:
+    """Cross-entropy (nats/token) and bits-per-byte of an add-one unigram model fit on train."""
+    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    v = np.asarray(val)
+    nats = -logp[v].sum()
+    return float(nats / len(v)), float(nats / np.log(2) / max(1, token_bytes[v].sum()))

@@ -1,0 +1,126 @@
+"""LanguageModel: embeddings -> stack of Blocks -> final norm -> tied LM head.
+
+`hidden(idx, causal)` returns the final hidden states and `logits(h)` applies the head,
+so objectives can run the head on a subset of positions (sparse MLM prediction)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from lmtk.models.layers import MLP, default_d_ff, make_norm, sinusoidal_table
+from lmtk.models.mixers import build_mixer
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: Optional[int] = None
+    max_seq_len: int = 1024
+    positions: str = "learned"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"
+    norm_position: str = "pre"
+    embedding_norm: bool = False
+    bias: bool = True
+    mlp: str = "gelu"
+    mixer: str = "attention"
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_ff is None:
+            self.d_ff = default_d_ff(self.d_model, self.mlp)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """norm -> mixer -> residual, norm -> MLP -> residual (pre-norm); post-norm normalises after each residual."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.pre = cfg.norm_position == "pre"
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
+        self.mixer = build_mixer(cfg, layer)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout)
+
+    def forward(self, x, causal: bool = True):
+        if self.pre:
+            x = x + self.mixer(self.norm1(x), causal=causal)
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.mixer(x, causal=causal))
+        return self.norm2(x + self.mlp(x))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias) if cfg.embedding_norm else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias) if cfg.norm_position == "pre" else nn.Identity()
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init)
+
+    def _init(self, m: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(m, nn.Linear):
+            # GPT-2: residual output projections scaled so the residual stream's variance stays flat.
+            scale = 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(m, "is_residual_out", False) else 1.0
+            nn.init.normal_(m.weight, 0.0, std * scale)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+    def hidden(self, idx: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        T = idx.shape[1]
+        x = self.embed(idx)
+        if self.cfg.positions == "learned":
+            x = x + self.pos.weight[:T]
+        elif self.cfg.positions == "sinusoidal":
+            x = x + self.pos_table[:T].to(x.dtype)
+        x = self.drop(self.embed_norm(x))
+        for block in self.blocks:
+            x = block(x, causal=causal)
+        return self.final_norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h)
+
+    def forward(self, idx: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        return self.logits(self.hidden(idx, causal))
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.embed.weight.numel() - (self.pos.weight.numel() if hasattr(self, "pos") else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul params (incl. the LM head) + attention scores (PaLM, app. B)."""
+        c = self.cfg
+        n_matmul = self.num_params(embeddings=False) + c.vocab_size * c.d_model
+        return 6 * n_matmul + 12 * c.n_layers * c.d_model * seq_len

@@ -1,0 +1,85 @@
+"""Objectives: the only thing that differs between CLM, MLM and hybrid training.
+
+An objective maps (model, batch of token windows, RNG) to per-target negative
+log-likelihoods; `loss` is their mean. The loop never looks inside."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmtk.errors import UserError
+
+
+class Objective:
+    name = "?"
+
+    def __init__(self, cfg, tok):
+        self.cfg = cfg
+        self.vocab = tok.vocab_size
+        self.mask_id = tok.mask_id
+        self.n_special = len(tok.special_ids)
+
+    def nll(self, model, batch: torch.Tensor, gen: torch.Generator):
+        """(nll [N] in nats, target ids [N]) for the N predicted positions of the batch."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: torch.Tensor, gen: torch.Generator, frac: float = 0.0):
+        """(mean loss, metrics). `frac` is the budget fraction used so far, for objectives
+        that change over training (phase schedules, mask-rate decay); metrics may carry
+        non-tensor values such as the phase name, which the loop logs as they are."""
+        nll, targets = self.nll(model, batch, gen)
+        loss = nll.mean()
+        return loss, {}
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+
+
+class CLM(Objective):
+    """Next-token prediction under a causal mask."""
+
+    name = "clm"
+
+    def nll(self, model, batch, gen):
+        h = model.hidden(batch, causal=True)
+        return _nll(model.logits(h[:, :-1]), batch[:, 1:]), batch[:, 1:].reshape(-1)
+
+
+class MLM(Objective):
+    """BERT masking with a fixed number of positions per sequence (static shapes for compile),
+    80% [MASK] / 10% random / 10% unchanged, bidirectional attention, and sparse prediction:
+    the LM head runs only on the selected positions (Cramming)."""
+
+    name = "mlm"
+
+    def corrupt(self, batch, gen):
+        B, L = batch.shape
+        k = max(1, round(self.cfg.mask_rate * L))
+        pos = torch.rand(B, L, generator=gen, device=batch.device).argsort(dim=1)[:, :k]
+        n_mask = round(self.cfg.mask_token_frac * k)
+        n_rand = round(self.cfg.random_token_frac * k)
+        x = batch.clone()
+        rows = torch.arange(B, device=batch.device)[:, None]
+        x[rows, pos[:, :n_mask]] = self.mask_id
+        if n_rand:
+            rand = torch.randint(self.n_special, self.vocab, (B, n_rand), generator=gen, device=batch.device)
+            x[rows, pos[:, n_mask : n_mask + n_rand]] = rand
+        return x, pos
+
+    def nll(self, model, batch, gen):
+        x, pos = self.corrupt(batch, gen)
+        h = model.hidden(x, causal=False)
+        h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+        targets = batch.gather(1, pos)
+        return _nll(model.logits(h), targets), targets.reshape(-1)
+
+
+OBJECTIVES = {"clm": CLM, "mlm": MLM}
+
+
+def build_objective(cfg, tok) -> Objective:
+    if cfg.name not in OBJECTIVES:
+        raise UserError(f"unknown objective '{cfg.name}'; choices: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[cfg.name](cfg, tok)

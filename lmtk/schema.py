@@ -1,0 +1,174 @@
+"""Typed schema of every config section.
+
+Hydra composes the YAML; these dataclasses then check it: unknown keys and values of
+the wrong type become one-line errors instead of surprises deep inside training.
+Defaults here are the fallbacks; conf/ and recipes/ set the real ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class RunCfg:
+    root: str = "runs"  # conf/base.yaml sets ${oc.env:LMTK_RUNS,runs}
+    name: Optional[str] = None  # default: <recipe>-<timestamp>
+    overwrite: bool = False
+
+
+@dataclass
+class ModelCfg:
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: Optional[int] = None  # default: 4*d (gelu) or 8/3*d rounded to 64 (gated)
+    vocab_size: Optional[int] = None  # filled from the tokenizer
+    max_seq_len: int = 1024  # only learned positions need it
+    positions: str = "learned"  # learned | sinusoidal | rope | none
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_position: str = "pre"  # pre | post
+    embedding_norm: bool = False  # cramming normalises the embedding output
+    bias: bool = True
+    mlp: str = "gelu"  # gelu | gated-gelu | swiglu
+    mixer: str = "attention"
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class ObjectiveCfg:
+    name: str = "clm"  # clm | mlm
+    mask_rate: float = 0.15
+    mask_token_frac: float = 0.8  # of the selected positions: 80% [MASK]
+    random_token_frac: float = 0.1  # 10% random token, the rest unchanged
+
+
+@dataclass
+class DataCfg:
+    source: str = "embedded"  # embedded | text | hf
+    train: Optional[Any] = None  # path, glob, directory or list of them (source=text)
+    val: Optional[Any] = None  # same; default: a document-level split of train
+    name: Optional[str] = None  # HF dataset name (source=hf)
+    config: Optional[str] = None  # HF dataset config
+    split: str = "train"
+    val_split: Optional[str] = None  # HF split for validation; default: split of train
+    field: str = "text"  # jsonl / parquet / HF column holding the text
+    val_fraction: float = 0.01  # documents held out when no val is given
+    max_chars: Optional[int] = None  # cap on characters read (quick runs, tests)
+    seq_len: int = 128
+
+
+@dataclass
+class TokenizerCfg:
+    kind: str = "bpe"  # bpe (byte-level) | wordpiece
+    vocab_size: int = 8192
+    path: Optional[str] = None  # reuse an existing tokenizer.json (or a run name)
+    train_chars: int = 20_000_000  # characters sampled to train the tokenizer
+    lowercase: bool = False
+
+
+@dataclass
+class OptimCfg:
+    name: str = "adamw"
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleCfg:
+    name: str = "cosine"  # triangle | cosine | constant
+    warmup: float = 0.05  # fraction of the budget
+    peak: float = 0.5  # triangle: where the LR peaks, as a fraction of the budget
+    final: float = 0.1  # cosine: final LR as a fraction of the peak
+
+
+@dataclass
+class LoggerCfg:
+    name: str = "console"  # console | wandb (console and metrics.jsonl are always on)
+    project: str = "lmtk"
+    entity: Optional[str] = None
+    mode: str = "offline"  # wandb mode: offline needs no account
+    every: int = 10  # steps between log lines
+
+
+@dataclass
+class BudgetCfg:
+    steps: Optional[int] = None
+    tokens: Optional[int] = None
+    hours: Optional[float] = None
+    epochs: Optional[float] = None
+
+
+@dataclass
+class CheckpointCfg:
+    every: int = 0  # steps; 0: only the final checkpoint
+    keep: int = 2  # step checkpoints kept (final/ is always kept)
+
+
+@dataclass
+class TrainCfg:
+    batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 32  # sequences per forward/backward
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    batch_ramp: float = 0.0  # fraction of the budget over which batch size ramps up
+    compile: bool = False
+    peak_tflops: Optional[float] = None  # for MFU; default: looked up from the GPU name
+
+
+@dataclass
+class ValCfg:
+    every: int = 0  # steps; 0: only at start and end
+    tokens: int = 65536  # fixed token count, so runs compare
+    at_start: bool = True
+
+
+@dataclass
+class GuardCfg:
+    max_bad_steps: int = 5  # consecutive non-finite steps before stopping
+
+
+@dataclass
+class Config:
+    recipe: str = "default"
+    description: str = ""
+    run: RunCfg = field(default_factory=RunCfg)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    resume: Any = False  # false | auto | PATH
+    model: ModelCfg = field(default_factory=ModelCfg)
+    objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    tokenizer: TokenizerCfg = field(default_factory=TokenizerCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    logger: LoggerCfg = field(default_factory=LoggerCfg)
+    budget: BudgetCfg = field(default_factory=BudgetCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    val: ValCfg = field(default_factory=ValCfg)
+    guard: GuardCfg = field(default_factory=GuardCfg)
+
+
+# Values restricted to a set; checked after composition so typos fail before any work.
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "model.positions": ("learned", "sinusoidal", "rope", "none"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.mlp": ("gelu", "gated-gelu", "swiglu"),
+    "model.mixer": ("attention",),
+    "objective.name": ("clm", "mlm"),
+    "data.source": ("embedded", "text", "hf"),
+    "tokenizer.kind": ("bpe", "wordpiece"),
+    "optim.name": ("adamw",),
+    "schedule.name": ("triangle", "cosine", "constant"),
+    "logger.name": ("console", "wandb"),
+}

@@ -1,0 +1,345 @@
+"""The one training loop, shared by every command.
+
+Each optimizer step: lr from the budget fraction -> micro-batches (objective.loss,
+backward) -> clip -> guard against non-finite values -> step. Every N steps: log,
+validate, checkpoint. The loop never branches on the objective; it only asks it for a
+loss. Randomness of step s comes from generators seeded by (seed, s), and the data
+position is one integer, so a resumed run replays exactly what an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmtk.errors import UserError
+from lmtk.train.budget import Budget, TrainState, micro_steps
+from lmtk.train.optim import build_optimizer
+from lmtk.train.schedule import lr_factor
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: a checkpoint was written; the CLI exits 130 / 143."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Diverged(UserError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclass
+class Job:
+    """What the loop needs; built by the command (train, later finetune/distill)."""
+
+    cfg: Any
+    model: torch.nn.Module
+    objective: Any
+    train_data: Any  # Batches
+    val_data: Any  # Batches or None
+    val_objectives: dict  # name -> objective, reported as val/<name>_loss and _bpb
+    token_bytes: np.ndarray
+    run: Any  # RunDir
+    sinks: Any
+    device: torch.device
+    dtype: torch.dtype
+    model_meta: dict = field(default_factory=dict)
+    resume_from: Any = None  # checkpoint directory or None
+
+
+def step_seed(seed: int, step: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + micro) % (2**63)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(job: Job, model=None) -> dict:
+    """val/<objective>_loss and _bpb on a fixed number of validation tokens, fixed masking seed."""
+    model = model or job.model
+    if job.val_data is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    out = {}
+    mb = job.cfg.train.micro_batch_size
+    for name, obj in job.val_objectives.items():
+        nats = 0.0
+        n = 0
+        nbytes = 0
+        gen = torch.Generator(job.device).manual_seed(job.cfg.seed + 12345)
+        for batch in job.val_data.ordered(job.cfg.val.tokens, mb):
+            batch = batch.to(job.device)
+            with _autocast(job):
+                nll, targets = obj.nll(model, batch, gen)
+            nats += nll.double().sum().item()
+            n += nll.numel()
+            nbytes += int(job.token_bytes[targets.cpu().numpy()].sum())
+        out[f"val/{name}_loss"] = nats / max(1, n)
+        out[f"val/{name}_bpb"] = nats / math.log(2) / max(1, nbytes)
+    main = job.objective.name
+    if f"val/{main}_loss" in out:
+        out["val/loss"], out["val/bpb"] = out[f"val/{main}_loss"], out[f"val/{main}_bpb"]
+    model.train(was_training)
+    return out
+
+
+def _autocast(job: Job):
+    if job.dtype == torch.float32:
+        return torch.autocast(job.device.type, enabled=False)
+    return torch.autocast(job.device.type, dtype=job.dtype)
+
+
+def _peak_tflops(cfg, device: torch.device) -> float | None:
+    if cfg.train.peak_tflops:
+        return float(cfg.train.peak_tflops)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    table = {"h200": 989, "h100": 989, "a100": 312, "l40": 181, "4090": 165, "a10": 125, "3090": 71, "v100": 125, "t4": 65}
+    return next((v for k, v in table.items() if k in name), None)
+
+
+class _Signals:
+    """First Ctrl-C / SIGTERM: finish the step and checkpoint. Second: exit at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def fit(job: Job) -> dict:
+    cfg, model, run, sinks, device = job.cfg, job.model, job.run, job.sinks, job.device
+    tc = cfg.train
+    model.to(device)
+    model.train()
+    opt = build_optimizer(model, cfg.optim, tc.lr, device)
+    scaler = torch.amp.GradScaler(device.type) if job.dtype == torch.float16 else None
+    state = TrainState()
+    if job.resume_from is not None:
+        state = _restore(job, opt, scaler)
+        sinks.console.message(f"resumed from {job.resume_from} at step {state.step}")
+    step_model = model
+    if tc.compile:
+        t0 = time.perf_counter()
+        for block in model.blocks:
+            block.compile()
+        sinks.console.message(f"torch.compile: blocks compiled lazily (set up in {time.perf_counter() - t0:.1f}s)")
+    budget = Budget(cfg.budget, job.train_data.n)
+    L = cfg.data.seq_len
+    mbs = tc.micro_batch_size
+    pin = device.type == "cuda"
+    peak = _peak_tflops(cfg, device)
+    flops_tok = model.flops_per_token(L)
+
+    if state.step == 0 and cfg.val.at_start:
+        sinks.log(evaluate(job), 0)
+
+    last_log_t, last_log_tokens = time.perf_counter(), state.tokens
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    last_metrics: dict = {}
+    val_metrics: dict = {}
+    t_resume = time.perf_counter()
+    seconds_before = state.seconds
+    stop = None
+    with _Signals() as sig:
+        while budget.fraction(state) < 1.0:
+            frac = budget.fraction(state)
+            lr = tc.lr * lr_factor(cfg.schedule, frac)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            n_micro = micro_steps(tc, frac)
+            step_loss = torch.zeros((), device=device)
+            try:
+                for micro in range(n_micro):
+                    batch = job.train_data.get(state.samples, mbs, pin=pin).to(device, non_blocking=True)
+                    gen = torch.Generator(device).manual_seed(step_seed(cfg.seed, state.step, micro))
+                    with _autocast(job):
+                        loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
+                    scaled = loss / n_micro
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    step_loss += loss.detach().float() / n_micro
+                    state.samples += mbs
+            except torch.OutOfMemoryError:
+                raise UserError(
+                    f"out of GPU memory at train.micro_batch_size={mbs}; lower it (e.g. train.micro_batch_size={max(1, mbs // 2)}) "
+                    "-- train.batch_size stays the same through gradient accumulation"
+                ) from None
+            if scaler:
+                scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            finite = bool(torch.isfinite(step_loss + gnorm))  # the one host sync per optimizer step
+            if finite:
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                state.bad_streak = 0
+                loss_sum += step_loss
+                loss_count += 1
+            else:
+                if scaler:
+                    scaler.update()
+                state.skipped_steps += 1
+                state.bad_streak += 1
+                if state.bad_streak >= cfg.guard.max_bad_steps:
+                    raise Diverged(
+                        f"loss or gradient not finite for {state.bad_streak} steps in a row (last at step {state.step}); "
+                        "lower train.lr or raise train.grad_clip; the last good checkpoint is kept"
+                    )
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += n_micro * mbs * L
+            state.seconds = seconds_before + time.perf_counter() - t_resume
+
+            done = budget.fraction(state) >= 1.0
+            if state.step % cfg.logger.every == 0 or done:
+                now = time.perf_counter()
+                tok_s = (state.tokens - last_log_tokens) / max(1e-9, now - last_log_t)
+                last_metrics = {
+                    "loss": (loss_sum / max(1, loss_count)).item() if loss_count else float("nan"),
+                    "lr": lr,
+                    "grad_norm": float(gnorm),
+                    "tok/s": tok_s,
+                    "tokens": state.tokens,
+                    "batch": n_micro * mbs,
+                    "frac": budget.fraction(state),
+                    "skipped": state.skipped_steps,
+                    **obj_metrics,
+                    **({"mfu": flops_tok * tok_s / (peak * 1e12)} if peak else {}),
+                }
+                sinks.log(last_metrics, state.step)
+                f = budget.fraction(state)
+                eta = state.seconds * (1 - f) / f if f > 0 else float("nan")
+                sinks.console.progress_update(f, eta, last_metrics, state.step)
+                loss_sum.zero_()
+                loss_count = 0
+                last_log_t, last_log_tokens = time.perf_counter(), state.tokens
+            if cfg.val.every and state.step % cfg.val.every == 0 and not done:
+                t_pause = time.perf_counter()
+                val_metrics = evaluate(job)
+                sinks.log(val_metrics, state.step)
+                t_resume += time.perf_counter() - t_pause  # validation does not spend the budget
+            if sig.signum is not None:
+                stop = sig.signum
+                break
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not done:
+                t_pause = time.perf_counter()
+                save(job, f"step-{state.step:06d}", opt, scaler, state)
+                t_resume += time.perf_counter() - t_pause
+
+    if stop is not None:
+        path = save(job, f"step-{state.step:06d}", opt, scaler, state)
+        name = "SIGINT" if stop == signal.SIGINT else "SIGTERM"
+        raise Interrupted(stop, f"{name}: stopped at step {state.step}, checkpoint {path}; continue with resume=auto run.name={run.name}")
+
+    val_metrics = evaluate(job)
+    if val_metrics:
+        sinks.log(val_metrics, state.step)
+    save(job, "final", opt, scaler, state, rotate=False)
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    summary = {
+        "steps": state.step,
+        "tokens": state.tokens,
+        "tok/s": state.tokens / max(1e-9, state.seconds),
+        "train_seconds": state.seconds,
+        "peak_mem_gib": peak_mem,
+        "train_loss": last_metrics.get("loss"),
+        "skipped_steps": state.skipped_steps,
+        **{k: v for k, v in val_metrics.items()},
+    }
+    if peak:
+        summary["mfu"] = flops_tok * summary["tok/s"] / (peak * 1e12)
+    return summary
+
+
+def save(job: Job, tag: str, opt, scaler, state: TrainState, rotate: bool = True) -> os.PathLike:
+    payload = {
+        "train": state.to_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler else {},
+        "rng": _rng_state(),
+    }
+    meta = {"tag": tag, "step": state.step, "tokens": state.tokens, "model": job.model_meta, "objective": job.objective.name}
+    return job.run.save_checkpoint(tag, job.model, payload, meta, keep=job.cfg.checkpoint.keep if rotate else None)
+
+
+def _restore(job: Job, opt, scaler) -> TrainState:
+    from lmtk.runs import load_weights, verify_checkpoint
+
+    ckpt = job.resume_from
+    meta = verify_checkpoint(ckpt)
+    saved = meta.get("model", {})
+    diff = sorted(k for k in set(saved) | set(job.model_meta) if saved.get(k) != job.model_meta.get(k))
+    if diff:
+        show = ", ".join(f"{k}: {saved.get(k)} -> {job.model_meta.get(k)}" for k in diff[:4])
+        raise UserError(f"cannot resume {ckpt}: the model config changed ({show}); resume with the original model settings")
+    load_weights(job.model, ckpt)
+    payload = _load_state(ckpt)
+    opt.load_state_dict(payload["optimizer"])
+    if scaler and payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
+    _set_rng_state(payload["rng"])
+    return TrainState(**payload["train"])
+
+
+def _load_state(ckpt):
+    from lmtk.runs import load_state
+
+    try:
+        return load_state(ckpt)
+    except Exception as err:
+        raise UserError(f"cannot load trainer state of {ckpt}: {str(err).splitlines()[0]}") from None

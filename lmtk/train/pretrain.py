@@ -1,0 +1,171 @@
+"""`lmtk train`: config -> data -> tokenizer -> token cache -> model -> the loop -> run directory."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from lmtk import device as devices
+from lmtk.data.packing import Batches, TokenCache, unigram_bpb
+from lmtk.data.sources import Source
+from lmtk.data.tokenizer import copy_tokenizer, get_tokenizer
+from lmtk.errors import UserError
+from lmtk.log import console, make_sinks
+from lmtk.models import build_model, model_config
+from lmtk.objectives import CLM, MLM, build_objective
+from lmtk.runs import RunDir, resolve_checkpoint, runs_root, write_atomic
+from lmtk.train.loop import Interrupted, Job, fit
+
+
+def _run_name(cfg) -> str:
+    return cfg.run.name or f"{cfg.recipe}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _resume_target(cfg, name: str):
+    """(run name, checkpoint or None) for resume=false|auto|PATH."""
+    if cfg.resume in (False, None, "false", "False"):
+        return name, None
+    root = runs_root(cfg.run.root)
+    if cfg.resume == "auto":
+        run = RunDir(root / name)
+        if run.info().get("status") == "done":
+            raise UserError(f"run '{name}' already finished; nothing to resume (run.overwrite=true starts it again)")
+        return name, run.latest_checkpoint()
+    ckpt = resolve_checkpoint(cfg.resume)
+    return (cfg.run.name or ckpt.parent.parent.name), ckpt
+
+
+def prepare_data(cfg, root):
+    """Source, tokenizer and token cache; all before any run directory is touched."""
+    t0 = time.perf_counter()
+    source = Source(cfg.data)
+    tok, trained = get_tokenizer(cfg.tokenizer, source, root)
+    if trained:
+        console.print(f"trained {cfg.tokenizer.kind} tokenizer ({tok.vocab_size} tokens) in {time.perf_counter() - t0:.1f}s")
+    t1 = time.perf_counter()
+    cache = TokenCache(source, tok, cfg.data.seq_len)
+    if not cache.hit:
+        mb = cache.meta["train_chars"] / 1e6
+        console.print(f"tokenised {mb:.1f} MB into {cache.meta['train_tokens']:,} tokens in {time.perf_counter() - t1:.1f}s")
+    return tok, cache
+
+
+def run(cfg, recipe: str, overrides: list[str]) -> dict:
+    dev, dtype = devices.resolve(cfg.device, cfg.precision)
+    root = runs_root(cfg.run.root)
+    name = _run_name(cfg)
+    name, ckpt = _resume_target(cfg, name)
+    tok, cache = prepare_data(cfg, root)
+    mcfg = model_config(cfg.model, tok.vocab_size)
+
+    OmegaConf.update(cfg, "run.name", name)
+    OmegaConf.update(cfg, "model.vocab_size", mcfg.vocab_size)
+    rundir, existed = RunDir.prepare(root, name, resume=ckpt is not None or cfg.resume == "auto", overwrite=cfg.run.overwrite)
+    try:
+        rundir.truncate_metrics(_ckpt_step(ckpt))  # drop rows logged after the checkpoint we resume from
+        if not existed or ckpt is None:
+            write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+            write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
+            copy_tokenizer(tok, rundir.file("tokenizer.json"))
+            write_atomic(rundir.file("model.json"), json.dumps(mcfg.to_dict(), indent=2))
+        else:
+            _check_tokenizer(rundir, tok)
+        rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype), resumed=ckpt is not None)
+        summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt)
+        rundir.finish("done", summary=summary)
+        return summary
+    except Interrupted:
+        rundir.finish("interrupted")
+        raise
+    except BaseException as err:
+        rundir.finish("failed", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise
+    finally:
+        rundir.unlock()
+
+
+def _ckpt_step(ckpt) -> int:
+    if ckpt is None:
+        return 0
+    from lmtk.runs import read_checkpoint_meta
+
+    return int(read_checkpoint_meta(ckpt)["step"])
+
+
+def _check_tokenizer(rundir: RunDir, tok) -> None:
+    saved = rundir.file("tokenizer.json")
+    if saved.is_file() and saved.read_text() != tok.to_str():
+        from lmtk.data.tokenizer import Tokenizer
+
+        if Tokenizer.from_file(saved).fingerprint() != tok.fingerprint():
+            raise UserError(f"run '{rundir.name}' was trained with a different tokenizer; resume with its data and tokenizer settings")
+
+
+def _describe(dev: torch.device, dtype: torch.dtype) -> str:
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return f"{name} ({str(dtype).replace('torch.', '')})"
+
+
+def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt) -> dict:
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg)
+    objective = build_objective(cfg.objective, tok)
+    val_objectives = {"clm": CLM(cfg.objective, tok), "mlm": MLM(cfg.objective, tok)}
+    train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
+    val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed)
+    sinks = make_sinks(cfg, rundir, rundir.name)
+    n_params = model.num_params()
+    sinks.console.message(
+        f"[bold]{rundir.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params | {objective.name} | "
+        f"{cache.meta['train_tokens']:,} train tokens | budget {_budget(cfg)} | {_describe(dev, dtype)} | {rundir.path}"
+    )
+    job = Job(
+        cfg=cfg, model=model, objective=objective, train_data=train_data, val_data=val_data,
+        val_objectives=val_objectives, token_bytes=tok.token_bytes(), run=rundir, sinks=sinks,
+        device=dev, dtype=dtype, model_meta=mcfg.to_dict(), resume_from=ckpt,
+    )
+    try:
+        summary = fit(job)
+    finally:
+        sinks.close()
+    n_val = min(len(cache.val), cfg.val.tokens)
+    uni_loss, uni_bpb = unigram_bpb(cache.train, cache.val[:n_val], tok.vocab_size, tok.token_bytes())
+    summary.update(params=n_params, unigram_loss=uni_loss, unigram_bpb=uni_bpb)
+    print_summary(rundir.name, summary)
+    return summary
+
+
+def _budget(cfg) -> str:
+    from lmtk.train.budget import Budget
+
+    return Budget(cfg.budget, 1).describe()
+
+
+def print_summary(name: str, s: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"run {name}", show_header=False)
+    rows = [
+        ("steps", f"{s['steps']:,}"),
+        ("tokens seen", f"{s['tokens']:,}"),
+        ("tokens/s", f"{s['tok/s']:,.0f}"),
+        ("train time", f"{s['train_seconds']:.1f} s"),
+        ("peak memory", f"{s['peak_mem_gib']:.2f} GiB"),
+        ("final train loss", f"{s['train_loss']:.4f}" if s.get("train_loss") is not None else "-"),
+    ]
+    for key, label in (("val/loss", "val loss"), ("val/bpb", "val bits/byte"), ("val/clm_loss", "val causal loss"), ("val/mlm_loss", "val masked loss")):
+        if key in s:
+            rows.append((label, f"{s[key]:.4f}"))
+    if "unigram_bpb" in s:
+        rows.append(("unigram bits/byte", f"{s['unigram_bpb']:.4f}"))
+    if "mfu" in s:
+        rows.append(("MFU", f"{100 * s['mfu']:.1f}%"))
+    if s.get("skipped_steps"):
+        rows.append(("skipped (non-finite) steps", str(s["skipped_steps"])))
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
