@@ -154,6 +154,7 @@ class RunDir:
         if exists and overwrite and not resume:
             run.lock()  # never delete a directory another process is writing
             shutil.rmtree(path)
+            run._locked = False  # the lock file went with the directory
             exists = False
         path.mkdir(parents=True, exist_ok=True)
         run.lock()

@@ -317,18 +317,25 @@ def save(job: Job, tag: str, opt, scaler, state: TrainState, rotate: bool = True
     return job.run.save_checkpoint(tag, job.model, payload, meta, keep=job.cfg.checkpoint.keep if rotate else None)
 
 
-def _restore(job: Job, opt, scaler) -> TrainState:
-    from lmtk.runs import load_weights, verify_checkpoint
+def check_resume(ckpt, model_meta: dict) -> int:
+    """Verify a checkpoint's checksums and that it fits the configured model. Returns its step."""
+    from lmtk.runs import verify_checkpoint
 
-    ckpt = job.resume_from
     meta = verify_checkpoint(ckpt)
     saved = meta.get("model", {})
-    diff = sorted(k for k in set(saved) | set(job.model_meta) if saved.get(k) != job.model_meta.get(k))
+    diff = sorted(k for k in set(saved) | set(model_meta) if saved.get(k) != model_meta.get(k))
     if diff:
-        show = ", ".join(f"{k}: {saved.get(k)} -> {job.model_meta.get(k)}" for k in diff[:4])
-        raise UserError(f"cannot resume {ckpt}: the model config changed ({show}); resume with the original model settings")
-    load_weights(job.model, ckpt)
-    payload = _load_state(ckpt)
+        show = ", ".join(f"{k}: {saved.get(k)} -> {model_meta.get(k)}" for k in diff[:4])
+        raise UserError(f"cannot resume from {ckpt}: the model config differs ({show}); resume with the checkpoint's model settings")
+    return int(meta["step"])
+
+
+def _restore(job: Job, opt, scaler) -> TrainState:
+    """Weights, optimizer, scaler, RNG and progress from a checkpoint already checked by check_resume."""
+    from lmtk.runs import load_weights
+
+    load_weights(job.model, job.resume_from)
+    payload = _load_state(job.resume_from)
     opt.load_state_dict(payload["optimizer"])
     if scaler and payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])

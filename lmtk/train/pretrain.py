@@ -18,7 +18,7 @@ from lmtk.log import console, make_sinks
 from lmtk.models import build_model, model_config
 from lmtk.objectives import CLM, MLM, build_objective
 from lmtk.runs import RunDir, resolve_checkpoint, runs_root, write_atomic
-from lmtk.train.loop import Interrupted, Job, fit
+from lmtk.train.loop import Interrupted, Job, check_resume, fit
 
 
 def _run_name(cfg) -> str:
@@ -65,20 +65,25 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "model.vocab_size", mcfg.vocab_size)
     rundir, existed = RunDir.prepare(root, name, resume=ckpt is not None or cfg.resume == "auto", overwrite=cfg.run.overwrite)
+    try:  # checks that refuse a resume run before the run directory is changed in any way
+        ckpt_step = check_resume(ckpt, mcfg.to_dict()) if ckpt is not None else 0
+        if ckpt is not None:
+            _check_tokenizer(rundir, tok)
+    except BaseException:
+        rundir.unlock()
+        raise
     try:
-        rundir.truncate_metrics(_ckpt_step(ckpt))  # drop rows logged after the checkpoint we resume from
-        if not existed or ckpt is None:
+        rundir.truncate_metrics(ckpt_step)  # drop rows logged after the checkpoint we resume from
+        if ckpt is None:
             write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
             write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
             copy_tokenizer(tok, rundir.file("tokenizer.json"))
             write_atomic(rundir.file("model.json"), json.dumps(mcfg.to_dict(), indent=2))
-        else:
-            _check_tokenizer(rundir, tok)
         rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype), resumed=ckpt is not None)
         summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt)
         rundir.finish("done", summary=summary)
         return summary
-    except Interrupted:
+    except (Interrupted, KeyboardInterrupt):
         rundir.finish("interrupted")
         raise
     except BaseException as err:
@@ -86,14 +91,6 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
         raise
     finally:
         rundir.unlock()
-
-
-def _ckpt_step(ckpt) -> int:
-    if ckpt is None:
-        return 0
-    from lmtk.runs import read_checkpoint_meta
-
-    return int(read_checkpoint_meta(ckpt)["step"])
 
 
 def _check_tokenizer(rundir: RunDir, tok) -> None:
