@@ -127,6 +127,9 @@ def validate(raw: DictConfig, extras: Iterable[str] = ()) -> DictConfig:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(raw, parent) if parent else raw
         node.pop(leaf, None)
+        while parent and not len(OmegaConf.select(raw, parent)):  # +new.key=1: drop the emptied new section
+            parent, _, leaf = parent.rpartition(".")
+            (OmegaConf.select(raw, parent) if parent else raw).pop(leaf)
     try:
         OmegaConf.resolve(raw)
         cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)

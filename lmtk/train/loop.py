@@ -14,6 +14,7 @@ import os
 import random
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,9 +135,10 @@ def _peak_tflops(cfg, device: torch.device) -> float | None:
 class _Signals:
     """First Ctrl-C / SIGTERM: finish the step and checkpoint. Second: exit at once."""
 
-    def __init__(self):
+    def __init__(self, on_force=None):
         self.signum = None
         self.previous = {}
+        self.on_force = on_force
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -147,9 +149,16 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+            print("stopping after this step to write a checkpoint (signal again to exit at once)", file=sys.stderr)
+            return
+        print("interrupted (second Ctrl-C): stopped at once, without a checkpoint", file=sys.stderr, flush=True)
+        try:
+            if self.on_force:
+                self.on_force()
+        finally:
+            os._exit(128 + signum)
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
@@ -191,7 +200,11 @@ def fit(job: Job) -> dict:
     t_resume = time.perf_counter()
     seconds_before = state.seconds
     stop = None
-    with _Signals() as sig:
+    def forced_exit():
+        run.finish("interrupted")
+        run.unlock()
+
+    with _Signals(on_force=forced_exit) as sig:
         while budget.fraction(state) < 1.0:
             frac = budget.fraction(state)
             lr = tc.lr * lr_factor(cfg.schedule, frac)
