@@ -64,9 +64,12 @@ class TokenCache:
         if not self.hit:
             self._build(source)
         self.meta = json.loads((self.dir / "meta.json").read_text())
-        self.train = np.memmap(self.dir / "train.bin", dtype=self.dtype, mode="r")
-        self.val = np.memmap(self.dir / "val.bin", dtype=self.dtype, mode="r") if self.meta["val_tokens"] else None
+        self.train = self._open("train.bin") if self.meta["train_tokens"] else np.zeros(0, self.dtype)
+        self.val = self._open("val.bin") if self.meta["val_tokens"] else None
         self._ensure_sizes(seq_len)
+
+    def _open(self, name: str) -> np.ndarray:
+        return np.memmap(self.dir / name, dtype=self.dtype, mode="r")
 
     def _build(self, source) -> None:
         tmp = self.dir.with_name(self.dir.name + f".tmp{os.getpid()}")

@@ -83,11 +83,12 @@ def _file_docs(path: Path, field: str) -> Iterator[str]:
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path, columns=[field])
-        except KeyError:
-            raise UserError(f"{path} has no column '{field}'; set data.field") from None
+            names = pq.read_schema(path).names
+            table = pq.read_table(path, columns=[field]) if field in names else None
         except Exception as err:
-            raise UserError(f"cannot read parquet file {path}: {err}") from None
+            raise UserError(f"cannot read parquet file {path}: {str(err).splitlines()[0]}") from None
+        if table is None:  # pyarrow raises ArrowInvalid (a multi-line message), not KeyError, for a missing column
+            raise UserError(f"{path} has no column '{field}' (columns: {', '.join(names)}); set data.field")
         for value in table.column(field).to_pylist():
             if value:
                 yield str(value)

@@ -64,17 +64,14 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
 
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "model.vocab_size", mcfg.vocab_size)
+    # checks that refuse a resume before any run directory is created or changed
+    ckpt_step = check_resume(ckpt, mcfg.to_dict()) if ckpt is not None else 0
+    if ckpt is not None:
+        _check_tokenizer(ckpt.parent.parent, tok)
     rundir, existed = RunDir.prepare(root, name, resume=ckpt is not None or cfg.resume == "auto", overwrite=cfg.run.overwrite)
-    try:  # checks that refuse a resume run before the run directory is changed in any way
-        ckpt_step = check_resume(ckpt, mcfg.to_dict()) if ckpt is not None else 0
-        if ckpt is not None:
-            _check_tokenizer(rundir, tok)
-    except BaseException:
-        rundir.unlock()
-        raise
     try:
         rundir.truncate_metrics(ckpt_step)  # drop rows logged after the checkpoint we resume from
-        if ckpt is None:
+        if not existed or ckpt is None:  # a new run (also one resumed from another run's checkpoint) gets its files
             write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
             write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
             copy_tokenizer(tok, rundir.file("tokenizer.json"))
@@ -93,13 +90,13 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
         rundir.unlock()
 
 
-def _check_tokenizer(rundir: RunDir, tok) -> None:
-    saved = rundir.file("tokenizer.json")
+def _check_tokenizer(run_path, tok) -> None:
+    saved = run_path / "tokenizer.json"
     if saved.is_file() and saved.read_text() != tok.to_str():
         from lmtk.data.tokenizer import Tokenizer
 
         if Tokenizer.from_file(saved).fingerprint() != tok.fingerprint():
-            raise UserError(f"run '{rundir.name}' was trained with a different tokenizer; resume with its data and tokenizer settings")
+            raise UserError(f"run '{run_path.name}' was trained with a different tokenizer; resume with its data and tokenizer settings")
 
 
 def _describe(dev: torch.device, dtype: torch.dtype) -> str:

@@ -1,0 +1,172 @@
+"""The bad-input catalogue (docs/errors.md), row by row: one line on stderr starting
+'error:', exit status 2, no traceback, and an existing run left untouched."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.max_chars=200000", "tokenizer.vocab_size=512", "model.d_model=32", "model.n_layers=2",
+    "model.n_heads=2", "data.seq_len=32", "train.batch_size=4", "train.micro_batch_size=4",
+    "val.tokens=1024", "budget.hours=null", "budget.steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A runs root with one finished run 'done' (checkpoint every step) and data files."""
+    base = tmp_path_factory.mktemp("errors")
+    env = dict(os.environ, LMTK_RUNS=str(base / "runs"), LMTK_CACHE=str(base / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "lmtk", "train", *TINY, "run.name=done", "checkpoint.every=1", "checkpoint.keep=5"],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    d = base / "data"
+    d.mkdir()
+    (d / "empty.txt").write_text("")
+    (d / "binary.txt").write_bytes(b"\x00\x01\x02" * 1000)
+    (d / "short.txt").write_text("just a few words\n")
+    (d / "rows.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    return base, env
+
+
+def _digest(run: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(run.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+# (row id, lmtk arguments, fragment of the expected one-line message)
+ROWS = [
+    ("unknown-command", ["trian"], "No such command 'trian'"),
+    ("unknown-recipe", ["train", "cramming-brt"], "unknown recipe 'cramming-brt' (did you mean: cramming-bert"),
+    ("unknown-key", ["train", "model.d_modle=3"], "unknown config key 'model.d_modle' (did you mean: model.d_model"),
+    ("unknown-group-option", ["train", "model=gpt3"], "unknown option 'gpt3' for model"),
+    ("wrong-type", ["train", "model.d_model=abc"], "invalid value for model.d_model"),
+    ("bad-choice", ["train", "precision=fp8"], "precision=fp8 is not one of: auto, fp32, bf16, fp16"),
+    ("no-budget", ["train", "budget.hours=null"], "no budget: set one of budget.steps"),
+    ("batch-not-multiple", ["train", "train.batch_size=10", "train.micro_batch_size=4"], "is not a multiple of train.micro_batch_size"),
+    ("seq-too-long", ["train", "model.positions=learned", "model.max_seq_len=64", "data.seq_len=128"], "exceeds model.max_seq_len"),
+    ("missing-data-file", ["train", "data=text", "data.train={base}/data/nope.txt"], "data file not found"),
+    ("glob-matches-nothing", ["train", "data=text", "data.train={base}/data/*.md"], "no files match"),
+    ("empty-data-file", ["train", *TINY, "data=text", "data.train={base}/data/empty.txt"], "the training data is empty"),
+    ("binary-data-file", ["train", *TINY, "data=text", "data.train={base}/data/binary.txt"], "looks binary"),
+    ("data-shorter-than-a-sequence", ["train", *TINY, "data=text", "data.train={base}/data/short.txt"], "fewer than two sequences"),
+    ("jsonl-field-missing", ["train", *TINY, "data=text", "data.train={base}/data/rows.jsonl"], "has no field 'text'; set data.field"),
+    ("hf-dataset-missing", ["train", *TINY, "data=hf", "data.name={base}/no-such-dataset"], "cannot load dataset"),
+    ("tokenizer-path-missing", ["train", *TINY, "tokenizer.path={base}/nope.json"], "no tokenizer.json there"),
+    ("vocab-smaller-than-tokenizer", ["train", *TINY, "model.vocab_size=100"], "smaller than the tokenizer's vocabulary"),
+    ("run-name-exists", ["train", *TINY, "run.name=done"], "run 'done' already exists"),
+    ("resume-finished-run", ["train", *TINY, "run.name=done", "resume=auto"], "already finished"),
+    ("resume-changed-model", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "model.d_model=64"], "the model config differs (d_ff"),
+    ("checkpoint-other-architecture", ["train", *TINY, "run.name=new", "resume={base}/runs/done/checkpoints/final", "model.n_layers=3"], "the model config differs (n_layers: 2 -> 3)"),
+    ("resume-path-without-checkpoint", ["train", *TINY, "resume={base}/data"], "no checkpoint at"),
+    ("cuda-absent", ["train", *TINY, "device=cuda"], "device=cuda but no CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("row,args,expect", ROWS, ids=[r[0] for r in ROWS])
+def test_catalogue_row(world, row, args, expect):
+    if row == "cuda-absent" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    base, env = world
+    before = _digest(base / "runs" / "done")
+    args = [a.replace("{base}", str(base)) for a in args]
+    p = subprocess.run([sys.executable, "-m", "lmtk", *args], env=env, capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expect in last, p.stderr
+    assert "Traceback" not in p.stderr
+    assert _digest(base / "runs" / "done") == before  # the existing run is untouched
+    assert not (base / "runs" / "new").exists()
+
+
+def _main(argv, capsys):
+    from lmtk.cli import main
+
+    sys.argv = ["lmtk", *argv]
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+def test_row_unreadable_data_file(tmp_path, monkeypatch, capsys):
+    f = tmp_path / "locked.txt"
+    f.write_text("text " * 1000)
+    real = Path.read_bytes
+
+    def deny(self):
+        if self == f:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)  # root ignores chmod, so simulate
+    code, err = _main(["train", *TINY, "data=text", f"data.train={f}"], capsys)
+    assert code == 2 and f"cannot read data file {f}: Permission denied" in err
+
+
+def test_row_disk_full_while_saving(monkeypatch, capsys, tmp_path):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    code, err = _main(["train", *TINY, "run.name=full"], capsys)
+    assert code == 2
+    assert re.search(r"error: could not save checkpoint final: No space left on device \(disk full", err)
+    assert not list((tmp_path / "runs" / "full" / "checkpoints").glob(".tmp-*"))  # no torn directory left
+    assert json.loads((tmp_path / "runs" / "full" / "run.json").read_text())["status"] == "failed"
+
+
+def test_row_out_of_memory(monkeypatch, capsys):
+    from lmtk.objectives import CLM
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(CLM, "loss", oom)
+    code, err = _main(["train", *TINY, "run.name=oom"], capsys)
+    assert code == 2 and "out of GPU memory at train.micro_batch_size=4; lower it" in err
+
+
+def test_row_run_in_use(world, capsys):
+    base, env = world
+    lock = base / "runs" / "done" / ".lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        p = subprocess.run([sys.executable, "-m", "lmtk", "train", *TINY, "run.name=done", "run.overwrite=true"],
+                           env=env, capture_output=True, text=True)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        lock.unlink()
+    assert p.returncode == 2 and f"in use by process {sleeper.pid}" in p.stderr
+    assert (base / "runs" / "done" / "checkpoints" / "final").is_dir()  # overwrite did not delete it
+
+
+def test_debug_env_shows_traceback(world):
+    base, env = world
+    p = subprocess.run([sys.executable, "-m", "lmtk", "train", "model.d_modle=3"], env=dict(env, LMTK_DEBUG="1"),
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def test_catalogue_documents_every_row():
+    doc = (REPO / "docs" / "errors.md").read_text()
+    names = [r[0] for r in ROWS] + ["unreadable-data-file", "disk-full-while-saving", "out-of-memory", "run-in-use",
+                                    "corrupted-checkpoint", "too-many-non-finite-steps"]
+    missing = [n for n in names if f"`{n}`" not in doc]
+    assert not missing, f"docs/errors.md lacks rows: {missing}"
