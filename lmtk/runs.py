@@ -351,3 +351,27 @@ def list_runs(root) -> list[dict]:
         out.append(row)
     out.sort(key=lambda r: r.get("created") or "")
     return out
+
+
+def load_pretrained(path, root=None):
+    """(model, tokenizer, meta) from a run name, run directory or checkpoint directory.
+
+    Weights come from the checkpoint (final/ or the latest step) through safetensors;
+    meta.json says which objective trained it (models.infer needs its masked convention)."""
+    from lmtk.data.tokenizer import Tokenizer
+    from lmtk.models import ModelConfig, build_model
+
+    p = Path(path).expanduser()
+    if not p.exists() and root is not None:
+        p = runs_root(root) / str(path)
+    ckpt = p if (p / "meta.json").is_file() else None
+    if ckpt is None:
+        run = RunDir(p)
+        final = run.ckpt_dir / "final"
+        ckpt = final if (final / "meta.json").is_file() else resolve_checkpoint(p)
+    meta = verify_checkpoint(ckpt)
+    model = build_model(ModelConfig.from_dict(meta["model"]))
+    load_weights(model, ckpt)
+    model.eval()
+    tok = Tokenizer.from_file(ckpt.parent.parent / "tokenizer.json")
+    return model, tok, meta

@@ -41,10 +41,14 @@ class ModelCfg:
 
 @dataclass
 class ObjectiveCfg:
-    name: str = "clm"  # clm | mlm
+    name: str = "clm"  # clm | mlm | antlm | gpt-bert
     mask_rate: float = 0.15
     mask_token_frac: float = 0.8  # of the selected positions: 80% [MASK]
     random_token_frac: float = 0.1  # 10% random token, the rest unchanged
+    mask_rate_final: Optional[float] = None  # gpt-bert: mask rate decays linearly to this (None: constant)
+    phases: List[str] = field(default_factory=list)  # antlm: ["clm:4", "mlm:16", "clm:4"]
+    causal_weight: int = 1  # gpt-bert: causal:masked micro-batch ratio
+    masked_weight: int = 15
 
 
 @dataclass
@@ -165,7 +169,7 @@ CHOICES = {
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("gelu", "gated-gelu", "swiglu"),
     "model.mixer": ("attention",),
-    "objective.name": ("clm", "mlm"),
+    "objective.name": ("clm", "mlm", "antlm", "gpt-bert"),
     "data.source": ("embedded", "text", "hf"),
     "tokenizer.kind": ("bpe", "wordpiece"),
     "optim.name": ("adamw",),

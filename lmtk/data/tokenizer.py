@@ -7,6 +7,7 @@ Every tokenizer has the same five special tokens at ids 0-4, so objectives can r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -132,7 +133,11 @@ def get_tokenizer(cfg, source, runs_root: Path) -> tuple[Tokenizer, bool]:
     cached = cache_root() / "tokenizers" / f"{key.hexdigest()[:16]}.json"
     if cached.is_file():
         return Tokenizer.from_file(cached), False
-    tok = train_tokenizer(cfg, source.documents("train"))
+    docs = iter(source.documents("train"))
+    first = next(docs, None)
+    if first is None:  # fail before training (and caching) a tokenizer on nothing
+        raise UserError("the training data is empty (no text after reading); check data.train")
+    tok = train_tokenizer(cfg, itertools.chain([first], docs))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     tok.save(tmp)

@@ -10,12 +10,17 @@ import torch.nn.functional as F
 
 from lmtk.errors import UserError
 
+VAL_MASK_RATE = 0.15  # validation masks 15% whatever the training rate, so masked losses compare
+
 
 class Objective:
     name = "?"
+    masked_shift = 0  # masked predictions: the output at p - masked_shift predicts token p
+    val_key = "clm"  # which val/<key>_loss is this objective's val/loss
 
     def __init__(self, cfg, tok):
         self.cfg = cfg
+        self._tok = tok
         self.vocab = tok.vocab_size
         self.mask_id = tok.mask_id
         self.n_special = len(tok.special_ids)
@@ -23,6 +28,10 @@ class Objective:
     def nll(self, model, batch: torch.Tensor, gen: torch.Generator):
         """(nll [N] in nats, target ids [N]) for the N predicted positions of the batch."""
         raise NotImplementedError
+
+    def val_objectives(self) -> dict:
+        """The causal and the masked reading of this model, reported at every validation."""
+        return {"clm": CLM(self.cfg, self._tok), "mlm": MLM(self.cfg, self._tok, rate=VAL_MASK_RATE)}
 
     def loss(self, model, batch: torch.Tensor, gen: torch.Generator, frac: float = 0.0):
         """(mean loss, metrics). `frac` is the budget fraction used so far, for objectives
@@ -53,11 +62,18 @@ class MLM(Objective):
     the LM head runs only on the selected positions (Cramming)."""
 
     name = "mlm"
+    val_key = "mlm"
 
-    def corrupt(self, batch, gen):
+    def __init__(self, cfg, tok, rate: float | None = None):
+        super().__init__(cfg, tok)
+        self.rate = cfg.mask_rate if rate is None else rate
+
+    def corrupt(self, batch, gen, rate: float | None = None, first: int = 0):
+        """(corrupted batch, selected positions [B, k]); positions drawn from first..L-1."""
         B, L = batch.shape
-        k = max(1, round(self.cfg.mask_rate * L))
-        pos = torch.rand(B, L, generator=gen, device=batch.device).argsort(dim=1)[:, :k]
+        rate = self.rate if rate is None else rate
+        k = max(1, round(rate * (L - first)))
+        pos = first + torch.rand(B, L - first, generator=gen, device=batch.device).argsort(dim=1)[:, :k]
         n_mask = round(self.cfg.mask_token_frac * k)
         n_rand = round(self.cfg.random_token_frac * k)
         x = batch.clone()
@@ -76,10 +92,10 @@ class MLM(Objective):
         return _nll(model.logits(h), targets), targets.reshape(-1)
 
 
-OBJECTIVES = {"clm": CLM, "mlm": MLM}
-
-
 def build_objective(cfg, tok) -> Objective:
+    from lmtk.objectives.hybrid import GPTBERT, AntLM
+
+    OBJECTIVES = {"clm": CLM, "mlm": MLM, "antlm": AntLM, "gpt-bert": GPTBERT}
     if cfg.name not in OBJECTIVES:
         raise UserError(f"unknown objective '{cfg.name}'; choices: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[cfg.name](cfg, tok)

@@ -109,7 +109,7 @@ def evaluate(job: Job, model=None) -> dict:
             nbytes += int(job.token_bytes[targets.cpu().numpy()].sum())
         out[f"val/{name}_loss"] = nats / max(1, n)
         out[f"val/{name}_bpb"] = nats / math.log(2) / max(1, nbytes)
-    main = job.objective.name
+    main = job.objective.val_key
     if f"val/{main}_loss" in out:
         out["val/loss"], out["val/bpb"] = out[f"val/{main}_loss"], out[f"val/{main}_bpb"]
     model.train(was_training)

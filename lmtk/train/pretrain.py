@@ -16,7 +16,7 @@ from lmtk.data.tokenizer import copy_tokenizer, get_tokenizer
 from lmtk.errors import UserError
 from lmtk.log import console, make_sinks
 from lmtk.models import build_model, model_config
-from lmtk.objectives import CLM, MLM, build_objective
+from lmtk.objectives import build_objective
 from lmtk.runs import RunDir, resolve_checkpoint, runs_root, write_atomic
 from lmtk.train.loop import Interrupted, Job, check_resume, fit
 
@@ -108,7 +108,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
-    val_objectives = {"clm": CLM(cfg.objective, tok), "mlm": MLM(cfg.objective, tok)}
+    val_objectives = objective.val_objectives()
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed)
     sinks = make_sinks(cfg, rundir, rundir.name)

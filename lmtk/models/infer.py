@@ -1,0 +1,70 @@
+"""Using a trained model both ways: as a causal LM (log-probs, generation) and as a masked
+LM (fill-mask, pseudo-log-likelihood). `shift` is the masked-prediction convention of the
+objective it was trained with: 0 for BERT-style MLM, 1 for GPT-BERT's masked next-token."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def causal_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 1..T-1, shape [B, T-1]."""
+    logp = F.log_softmax(model(ids, causal=True)[:, :-1].float(), dim=-1)
+    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, ids: torch.Tensor, max_new: int, temperature: float = 1.0, top_k: int | None = None,
+             gen: torch.Generator | None = None, max_len: int | None = None) -> torch.Tensor:
+    """Sample max_new tokens after ids ([B, T]); temperature 0 is greedy."""
+    for _ in range(max_new):
+        ctx = ids if max_len is None else ids[:, -max_len:]
+        logits = model(ctx, causal=True)[:, -1].float()
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=gen)
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def masked_logits(model, ids: torch.Tensor, shift: int = 0) -> torch.Tensor:
+    """Logits predicting the token at every position p from a bidirectional pass: [B, T, V].
+    With shift=1, position 0 has no prediction and gets -inf."""
+    logits = model(ids, causal=False).float()
+    if shift:
+        pad = torch.full_like(logits[:, :shift], float("-inf"))
+        logits = torch.cat([pad, logits[:, :-shift]], dim=1)
+    return logits
+
+
+@torch.no_grad()
+def fill_mask(model, ids: torch.Tensor, mask_id: int, shift: int = 0) -> torch.Tensor:
+    """ids with every mask_id replaced by the model's most likely token."""
+    pred = masked_logits(model, ids, shift).argmax(-1)
+    return torch.where(ids == mask_id, pred, ids)
+
+
+@torch.no_grad()
+def pseudo_log_likelihood(model, ids: torch.Tensor, mask_id: int, shift: int = 0, batch: int = 64) -> torch.Tensor:
+    """Sum over positions of log p(x_p | x_without_p) (Salazar et al. 2020), one row per sequence [B].
+    Positions that cannot be predicted under the convention (p < shift) are skipped."""
+    B, T = ids.shape
+    out = torch.zeros(B)
+    positions = torch.arange(shift, T)
+    for b in range(B):
+        total = 0.0
+        for chunk in positions.split(batch):
+            x = ids[b].repeat(len(chunk), 1)
+            x[torch.arange(len(chunk)), chunk] = mask_id
+            logp = F.log_softmax(masked_logits(model, x, shift), dim=-1)
+            total += logp[torch.arange(len(chunk)), chunk, ids[b, chunk]].sum().item()
+        out[b] = total
+    return out

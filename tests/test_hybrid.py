@@ -1,0 +1,160 @@
+"""Hybrid objectives (issue 4): AntLM phases and GPT-BERT masked next-token prediction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmtk.config import compose
+from lmtk.models import ModelConfig, build_model
+from lmtk.models.infer import causal_logprobs, fill_mask, generate, pseudo_log_likelihood
+from lmtk.objectives import build_objective
+
+
+V = 64
+
+
+class FakeTok:
+    vocab_size = V
+    pad_id, unk_id, cls_id, eos_id, mask_id = range(5)
+    special_ids = list(range(5))
+
+
+def objective(recipe, *overrides):
+    cfg = compose(recipe, ["budget.steps=24", *overrides])
+    return build_objective(cfg.objective, FakeTok())
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, positions="rope"))
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records the attention mode of every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.modes = model, []
+
+    def hidden(self, idx, causal=True):
+        self.modes.append(causal)
+        return self.model.hidden(idx, causal)
+
+    def logits(self, h):
+        return self.model.logits(h)
+
+
+def test_antlm_phase_boundaries_fall_on_the_schedule():
+    obj = objective("antlm")  # phases clm:4, mlm:16, clm:4 over 24 steps
+    names = [obj.phase(step / 24)[1] for step in range(24)]
+    assert names == ["clm"] * 4 + ["mlm"] * 16 + ["clm"] * 4
+    obj = objective("antlm", "objective.phases=[mlm:1,clm:3]")
+    assert [obj.phase(s / 8)[1] for s in range(8)] == ["mlm"] * 2 + ["clm"] * 6
+
+
+def test_antlm_switches_the_attention_mask_with_the_phase():
+    obj = objective("antlm")
+    rec = Recorder(tiny_model())
+    batch = torch.randint(5, V, (2, 16))
+    for frac, causal in ((0.0, True), (0.5, False), (0.99, True)):
+        rec.modes.clear()
+        _, metrics = obj.loss(rec, batch, torch.Generator().manual_seed(0), frac)
+        assert rec.modes == [causal]
+        assert metrics["phase"].endswith("clm" if causal else "mlm")
+
+
+def test_causal_output_ignores_the_future_bidirectional_does_not():
+    m = tiny_model()
+    a = torch.randint(5, V, (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 1 - 5) % (V - 5) + 5  # change every token after t=9
+    ca, cb = m.hidden(a, causal=True), m.hidden(b, causal=True)
+    assert torch.allclose(ca[:, :10], cb[:, :10], atol=1e-6)
+    ba, bb = m.hidden(a, causal=False), m.hidden(b, causal=False)
+    assert not torch.allclose(ba[:, :10], bb[:, :10], atol=1e-4)
+
+
+def test_gpt_bert_mixes_causal_and_masked_at_the_configured_ratio():
+    for causal_w, masked_w in ((1, 15), (1, 1), (3, 1)):
+        obj = objective("gpt-bert", f"objective.causal_weight={causal_w}", f"objective.masked_weight={masked_w}")
+        picks = [obj.pick_causal(torch.Generator().manual_seed(s), "cpu") for s in range(4000)]
+        share = sum(picks) / len(picks)
+        assert abs(share - causal_w / (causal_w + masked_w)) < 0.025, (causal_w, masked_w, share)
+
+
+def test_gpt_bert_masked_batches_predict_token_p_from_output_p_minus_1():
+    obj = objective("gpt-bert")
+    m = tiny_model()
+    batch = torch.randint(5, V, (3, 20))
+    nll, targets = obj.masked.nll(m, batch, torch.Generator().manual_seed(7), rate=0.3)
+    x, pos = obj.masked.corrupt(batch, torch.Generator().manual_seed(7), rate=0.3, first=1)
+    assert (pos >= 1).all() and pos.shape[1] == round(0.3 * 19)
+    logits = m.logits(m.hidden(x, causal=False))
+    manual = torch.stack([
+        torch.nn.functional.cross_entropy(logits[b, pos[b] - 1], batch[b, pos[b]], reduction="none") for b in range(3)
+    ]).reshape(-1)
+    assert torch.allclose(nll, manual, atol=1e-5)
+    assert torch.equal(targets, batch.gather(1, pos).reshape(-1))
+
+
+def test_gpt_bert_mask_rate_decays_and_is_logged():
+    obj = objective("gpt-bert")  # 0.30 -> 0.15
+    assert obj.mask_rate(0.0) == pytest.approx(0.30)
+    assert obj.mask_rate(0.5) == pytest.approx(0.225)
+    assert obj.mask_rate(1.0) == pytest.approx(0.15)
+    _, metrics = obj.loss(tiny_model(), torch.randint(5, V, (2, 16)), torch.Generator().manual_seed(1), 0.5)
+    assert metrics["phase"] in ("causal", "masked") and metrics["mask_rate"] == pytest.approx(0.225)
+
+
+def test_bad_phase_spec_is_a_clear_error():
+    from lmtk.errors import UserError
+
+    with pytest.raises(UserError, match="name:weight"):
+        objective("antlm", "objective.phases=[clm4]")
+    with pytest.raises(UserError, match="clm or mlm"):
+        objective("antlm", "objective.phases=[xlm:2]")
+
+
+TINY = [
+    "data.max_chars=600000", "tokenizer.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
+    "data.seq_len=64", "train.batch_size=16", "train.micro_batch_size=8", "val.tokens=4096", "budget.hours=null",
+    "train.lr=3e-3", "logger.every=1", "schedule.warmup=0.1",
+]
+
+
+@pytest.mark.parametrize("recipe", ["antlm", "gpt-bert"])
+def test_hybrid_runs_learn_both_ways_and_log_phases(recipe, tmp_path, monkeypatch):
+    from lmtk.runs import load_pretrained
+    from lmtk.train.pretrain import run
+
+    monkeypatch.setenv("LMTK_RUNS", str(tmp_path / "runs"))
+    cfg = compose(recipe, TINY + ["budget.steps=48", f"run.name={recipe}"])
+    summary = run(cfg, recipe, [])
+    rows = [json.loads(l) for l in (tmp_path / "runs" / recipe / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in rows if r["step"] == 0 and "val/clm_loss" in r)
+    for key in ("val/clm_loss", "val/mlm_loss"):
+        assert summary[key] < start[key] - 0.5, (key, start[key], summary[key])
+    phases = [r["phase"] for r in rows if "phase" in r]
+    assert len(phases) == 48
+    if recipe == "antlm":
+        assert phases == ["0:clm"] * 8 + ["1:mlm"] * 32 + ["2:clm"] * 8
+    else:
+        assert set(phases) <= {"causal", "masked"} and phases.count("masked") > phases.count("causal")
+
+    # usable as a causal LM and as a masked LM
+    model, tok, meta = load_pretrained(recipe, root=tmp_path / "runs")
+    shift = 1 if meta["objective"] == "gpt-bert" else 0
+    text = "def __init__(self, name):\n        self.name = name\n        return None\n"
+    ids = torch.tensor([tok.encode(text)])
+    shuffled = ids[:, torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))]
+    assert causal_logprobs(model, ids).sum() > causal_logprobs(model, shuffled).sum()
+    assert pseudo_log_likelihood(model, ids, tok.mask_id, shift)[0] > pseudo_log_likelihood(model, shuffled, tok.mask_id, shift)[0]
+    masked = ids.clone()
+    masked[0, 5] = tok.mask_id
+    filled = fill_mask(model, masked, tok.mask_id, shift)
+    assert filled.shape == ids.shape and (filled != tok.mask_id).all()
+    out = generate(model, ids[:, :8], 5, temperature=0)
+    assert out.shape == (1, 13)
