@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from typing import List, Optional
 
@@ -37,6 +38,12 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
 
     recipe, overrides = _split(args)
     cfg = compose(recipe, overrides)
+    if cfg.launcher.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # sugar for: torchrun --standalone --nproc_per_node=N -m lmtk train ...
+        rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.launcher.nproc}",
+               "-m", "lmtk", "train", recipe, *rest]
+        raise typer.Exit(subprocess.call(cmd))
     run(cfg, recipe, overrides)
 
 

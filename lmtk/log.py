@@ -137,3 +137,17 @@ def make_sinks(cfg, run_dir, title: str) -> Sinks:
 
         sinks.append(WandbSink(cfg.logger, run_dir.name, OmegaConf.to_container(cfg, resolve=True), run_dir.path))
     return Sinks(sinks, con)
+
+
+class _Quiet:
+    """The console of a non-zero data-parallel rank: says nothing."""
+
+    def progress_update(self, *a, **k) -> None:
+        pass
+
+    def message(self, *a, **k) -> None:
+        pass
+
+
+def null_sinks() -> Sinks:
+    return Sinks([], _Quiet())

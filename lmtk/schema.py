@@ -133,6 +133,11 @@ class ValCfg:
 
 
 @dataclass
+class LauncherCfg:
+    nproc: int = 1  # >1: re-launch under torchrun with this many data-parallel processes
+
+
+@dataclass
 class GuardCfg:
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping
 
@@ -158,6 +163,7 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     val: ValCfg = field(default_factory=ValCfg)
     guard: GuardCfg = field(default_factory=GuardCfg)
+    launcher: LauncherCfg = field(default_factory=LauncherCfg)
 
 
 # Values restricted to a set; checked after composition so typos fail before any work.

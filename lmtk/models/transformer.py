@@ -112,8 +112,9 @@ class LanguageModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)
 
-    def forward(self, idx: torch.Tensor, causal: bool = True) -> torch.Tensor:
-        return self.logits(self.hidden(idx, causal))
+    def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True) -> torch.Tensor:
+        h = self.hidden(idx, causal)
+        return self.logits(h) if head else h
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

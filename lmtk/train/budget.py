@@ -49,10 +49,11 @@ class Budget:
         return " or ".join(i for i in items if i)
 
 
-def micro_steps(cfg_train, frac: float) -> int:
-    """Micro-batches in this optimizer step: the batch ramps linearly from one micro-batch
-    to the full batch over the first `batch_ramp` of the budget (Cramming's batch ramp)."""
-    full = cfg_train.batch_size // cfg_train.micro_batch_size
+def micro_steps(cfg_train, frac: float, world: int = 1) -> int:
+    """Micro-batches per rank in this optimizer step: the batch ramps linearly from one
+    micro-batch to the full batch over the first `batch_ramp` of the budget (Cramming's ramp).
+    train.batch_size is global: split over `world` data-parallel ranks."""
+    full = max(1, cfg_train.batch_size // (cfg_train.micro_batch_size * world))
     if cfg_train.batch_ramp <= 0 or frac >= cfg_train.batch_ramp:
         return full
     return max(1, min(full, 1 + int((full - 1) * frac / cfg_train.batch_ramp)))

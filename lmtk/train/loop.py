@@ -57,6 +57,7 @@ class Job:
     dtype: torch.dtype
     model_meta: dict = field(default_factory=dict)
     resume_from: Any = None  # checkpoint directory or None
+    dist: Any = None  # lmtk.dist.Dist; None: single process
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -89,7 +90,7 @@ def _set_rng_state(state: dict) -> None:
 def evaluate(job: Job, model=None) -> dict:
     """val/<objective>_loss and _bpb on a fixed number of validation tokens, fixed masking seed."""
     model = model or job.model
-    if job.val_data is None:
+    if job.val_data is None or (job.dist is not None and not job.dist.main):
         return {}
     was_training = model.training
     model.eval()
@@ -165,8 +166,33 @@ class _Signals:
             signal.signal(s, h)
 
 
+class _StepModel:
+    """What objectives see during training: hidden() and logits() of the model, with the
+    hidden pass routed through DDP's forward when data-parallel (so its reducer is armed),
+    and sync(False) skipping the gradient all-reduce on all but the last micro-batch."""
+
+    def __init__(self, model, ddp=None):
+        self.model, self.ddp = model, ddp
+
+    def hidden(self, idx, causal: bool = True):
+        if self.ddp is None:
+            return self.model.hidden(idx, causal)
+        return self.ddp(idx, causal=causal, head=False)
+
+    def logits(self, h):
+        return self.model.logits(h)
+
+    def sync(self, last: bool):
+        import contextlib
+
+        return contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+
+
 def fit(job: Job) -> dict:
+    from lmtk.dist import Dist
+
     cfg, model, run, sinks, device = job.cfg, job.model, job.run, job.sinks, job.device
+    dist = job.dist or Dist()
     tc = cfg.train
     model.to(device)
     model.train()
@@ -176,15 +202,20 @@ def fit(job: Job) -> dict:
     if job.resume_from is not None:
         state = _restore(job, opt, scaler)
         sinks.console.message(f"resumed from {job.resume_from} at step {state.step}")
-    step_model = model
     if tc.compile:
         t0 = time.perf_counter()
         for block in model.blocks:
             block.compile()
         sinks.console.message(f"torch.compile: blocks compiled lazily (set up in {time.perf_counter() - t0:.1f}s)")
+    step_model = _StepModel(model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_model = _StepModel(model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None))
     budget = Budget(cfg.budget, job.train_data.n)
     L = cfg.data.seq_len
     mbs = tc.micro_batch_size
+    world = dist.world
     pin = device.type == "cuda"
     peak = _peak_tflops(cfg, device)
     flops_tok = model.flops_per_token(L)
@@ -200,9 +231,11 @@ def fit(job: Job) -> dict:
     t_resume = time.perf_counter()
     seconds_before = state.seconds
     stop = None
+
     def forced_exit():
-        run.finish("interrupted")
-        run.unlock()
+        if run is not None:
+            run.finish("interrupted")
+            run.unlock()
 
     with _Signals(on_force=forced_exit) as sig:
         while budget.fraction(state) < 1.0:
@@ -210,18 +243,21 @@ def fit(job: Job) -> dict:
             lr = tc.lr * lr_factor(cfg.schedule, frac)
             for g in opt.param_groups:
                 g["lr"] = lr
-            n_micro = micro_steps(tc, frac)
+            n_micro = micro_steps(tc, frac, world)
             step_loss = torch.zeros((), device=device)
             try:
                 for micro in range(n_micro):
-                    batch = job.train_data.get(state.samples, mbs, pin=pin).to(device, non_blocking=True)
-                    gen = torch.Generator(device).manual_seed(step_seed(cfg.seed, state.step, micro))
-                    with _autocast(job):
+                    # Rank r takes the r-th slice of this global micro-batch and the same seed a
+                    # single process would use for it: N ranks == one process accumulating N.
+                    first = state.samples + dist.rank * mbs
+                    batch = job.train_data.get(first, mbs, pin=pin).to(device, non_blocking=True)
+                    gen = torch.Generator(device).manual_seed(step_seed(cfg.seed, state.step, micro * world + dist.rank))
+                    with _autocast(job), step_model.sync(micro == n_micro - 1):
                         loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
-                    scaled = loss / n_micro
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    step_loss += loss.detach().float() / n_micro
-                    state.samples += mbs
+                        scaled = loss / n_micro
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    step_loss += loss.detach().float() / (n_micro * world)
+                    state.samples += mbs * world
             except torch.OutOfMemoryError:
                 raise UserError(
                     f"out of GPU memory at train.micro_batch_size={mbs}; lower it (e.g. train.micro_batch_size={max(1, mbs // 2)}) "
@@ -230,6 +266,13 @@ def fit(job: Job) -> dict:
             if scaler:
                 scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            if dist.enabled:  # every rank must agree on skipping, stopping and the clock
+                dist.all_reduce_(step_loss)
+                flags = torch.tensor([float(sig.signum or 0), time.perf_counter() - t_resume], device=device)
+                dist.all_reduce_(flags, "max")
+                if flags[0] > 0 and sig.signum is None:
+                    sig.signum = int(flags[0].item())
+                t_resume = time.perf_counter() - float(flags[1])
             finite = bool(torch.isfinite(step_loss + gnorm))  # the one host sync per optimizer step
             if finite:
                 if scaler:
@@ -252,7 +295,7 @@ def fit(job: Job) -> dict:
                     )
             opt.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens += n_micro * mbs * L
+            state.tokens += n_micro * mbs * world * L
             state.seconds = seconds_before + time.perf_counter() - t_resume
 
             done = budget.fraction(state) >= 1.0
@@ -265,7 +308,7 @@ def fit(job: Job) -> dict:
                     "grad_norm": float(gnorm),
                     "tok/s": tok_s,
                     "tokens": state.tokens,
-                    "batch": n_micro * mbs,
+                    "batch": n_micro * mbs * world,
                     "frac": budget.fraction(state),
                     "skipped": state.skipped_steps,
                     **obj_metrics,
@@ -319,7 +362,11 @@ def fit(job: Job) -> dict:
     return summary
 
 
-def save(job: Job, tag: str, opt, scaler, state: TrainState, rotate: bool = True) -> os.PathLike:
+def save(job: Job, tag: str, opt, scaler, state: TrainState, rotate: bool = True) -> os.PathLike | None:
+    """Rank 0 writes the checkpoint; the other ranks wait for it."""
+    if job.dist is not None and not job.dist.main:
+        job.dist.barrier()
+        return None
     payload = {
         "train": state.to_dict(),
         "optimizer": opt.state_dict(),
@@ -327,7 +374,10 @@ def save(job: Job, tag: str, opt, scaler, state: TrainState, rotate: bool = True
         "rng": _rng_state(),
     }
     meta = {"tag": tag, "step": state.step, "tokens": state.tokens, "model": job.model_meta, "objective": job.objective.name}
-    return job.run.save_checkpoint(tag, job.model, payload, meta, keep=job.cfg.checkpoint.keep if rotate else None)
+    path = job.run.save_checkpoint(tag, job.model, payload, meta, keep=job.cfg.checkpoint.keep if rotate else None)
+    if job.dist is not None:
+        job.dist.barrier()
+    return path
 
 
 def check_resume(ckpt, model_meta: dict) -> int:

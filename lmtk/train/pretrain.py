@@ -14,7 +14,7 @@ from lmtk.data.packing import Batches, TokenCache, unigram_bpb
 from lmtk.data.sources import Source
 from lmtk.data.tokenizer import copy_tokenizer, get_tokenizer
 from lmtk.errors import UserError
-from lmtk.log import console, make_sinks
+from lmtk.log import console, make_sinks, null_sinks
 from lmtk.models import build_model, model_config
 from lmtk.objectives import build_objective
 from lmtk.runs import RunDir, resolve_checkpoint, runs_root, write_atomic
@@ -55,11 +55,32 @@ def prepare_data(cfg, root):
 
 
 def run(cfg, recipe: str, overrides: list[str]) -> dict:
+    from lmtk import dist as distributed
+
     dev, dtype = devices.resolve(cfg.device, cfg.precision)
+    dist = distributed.init(dev.type)
+    try:
+        if dist.enabled and dev.type == "cuda":
+            dev = torch.device("cuda", dist.local_rank)
+        if cfg.train.batch_size % (cfg.train.micro_batch_size * dist.world):
+            raise UserError(
+                f"train.batch_size={cfg.train.batch_size} is not a multiple of train.micro_batch_size x ranks "
+                f"({cfg.train.micro_batch_size} x {dist.world})"
+            )
+        return _run(cfg, recipe, overrides, dev, dtype, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     root = runs_root(cfg.run.root)
-    name = _run_name(cfg)
+    name = dist.broadcast(_run_name(cfg))  # a timestamped default name must be the same on every rank
     name, ckpt = _resume_target(cfg, name)
+    if not dist.main:
+        dist.barrier()  # rank 0 trains the tokenizer and fills the cache; the others then read it
     tok, cache = prepare_data(cfg, root)
+    if dist.main:
+        dist.barrier()
     mcfg = model_config(cfg.model, tok.vocab_size)
 
     OmegaConf.update(cfg, "run.name", name)
@@ -68,6 +89,8 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
     ckpt_step = check_resume(ckpt, mcfg.to_dict()) if ckpt is not None else 0
     if ckpt is not None:
         _check_tokenizer(ckpt.parent.parent, tok)
+    if not dist.main:  # only rank 0 writes the run directory
+        return _train(cfg, None, tok, cache, mcfg, dev, dtype, ckpt, dist)
     rundir, existed = RunDir.prepare(root, name, resume=ckpt is not None or cfg.resume == "auto", overwrite=cfg.run.overwrite)
     try:
         rundir.truncate_metrics(ckpt_step)  # drop rows logged after the checkpoint we resume from
@@ -76,8 +99,8 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
             write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
             copy_tokenizer(tok, rundir.file("tokenizer.json"))
             write_atomic(rundir.file("model.json"), json.dumps(mcfg.to_dict(), indent=2))
-        rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype), resumed=ckpt is not None)
-        summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt)
+        rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype, dist.world), resumed=ckpt is not None)
+        summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist)
         rundir.finish("done", summary=summary)
         return summary
     except (Interrupted, KeyboardInterrupt):
@@ -99,33 +122,38 @@ def _check_tokenizer(run_path, tok) -> None:
             raise UserError(f"run '{run_path.name}' was trained with a different tokenizer; resume with its data and tokenizer settings")
 
 
-def _describe(dev: torch.device, dtype: torch.dtype) -> str:
+def _describe(dev: torch.device, dtype: torch.dtype, world: int = 1) -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return f"{name} ({str(dtype).replace('torch.', '')})"
+    ranks = f" x {world} ranks" if world > 1 else ""
+    return f"{name}{ranks} ({str(dtype).replace('torch.', '')})"
 
 
-def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt) -> dict:
+def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
     val_objectives = objective.val_objectives()
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed)
-    sinks = make_sinks(cfg, rundir, rundir.name)
+    sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
     n_params = model.num_params()
-    sinks.console.message(
-        f"[bold]{rundir.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params | {objective.name} | "
-        f"{cache.meta['train_tokens']:,} train tokens | budget {_budget(cfg)} | {_describe(dev, dtype)} | {rundir.path}"
-    )
+    if rundir is not None:
+        sinks.console.message(
+            f"[bold]{cfg.run.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params | {objective.name} | "
+            f"{cache.meta['train_tokens']:,} train tokens | budget {_budget(cfg)} | "
+            f"{_describe(dev, dtype, dist.world)} | {rundir.path}"
+        )
     job = Job(
         cfg=cfg, model=model, objective=objective, train_data=train_data, val_data=val_data,
         val_objectives=val_objectives, token_bytes=tok.token_bytes(), run=rundir, sinks=sinks,
-        device=dev, dtype=dtype, model_meta=mcfg.to_dict(), resume_from=ckpt,
+        device=dev, dtype=dtype, model_meta=mcfg.to_dict(), resume_from=ckpt, dist=dist,
     )
     try:
         summary = fit(job)
     finally:
         sinks.close()
+    if rundir is None:
+        return summary
     n_val = min(len(cache.val), cfg.val.tokens)
     uni_loss, uni_bpb = unigram_bpb(cache.train, cache.val[:n_val], tok.vocab_size, tok.token_bytes())
     summary.update(params=n_params, unigram_loss=uni_loss, unigram_bpb=uni_bpb)
