@@ -197,7 +197,7 @@ def test_nonfinite_steps_are_skipped_and_counted(env, monkeypatch):
 def test_too_many_bad_steps_stop_with_clear_error(env, monkeypatch):
     runs, _ = env
     _poison(monkeypatch, set(range(4, 100)))
-    with pytest.raises(UserError, match=r"not finite for 3 steps in a row \(last at step 6\)"):
+    with pytest.raises(UserError, match=r"not finite for 3 steps in a row \(last at step 7\)"):
         train_inproc("div", ["budget.steps=50", "checkpoint.every=2", "guard.max_bad_steps=3"])
     run = RunDir(runs / "div")
     assert run.info()["status"] == "failed"

@@ -166,6 +166,29 @@ class _Signals:
             signal.signal(s, h)
 
 
+class _Guard:
+    """Counts skipped (non-finite) steps on the device; check() syncs them into the TrainState
+    and stops the run after max_bad consecutive ones."""
+
+    def __init__(self, state: TrainState, max_bad: int, device):
+        self.skipped = torch.tensor(float(state.skipped_steps), device=device)
+        self.streak = torch.tensor(float(state.bad_streak), device=device)
+        self.max_bad = max_bad
+
+    def update(self, bad: torch.Tensor) -> None:
+        b = bad.float()
+        self.skipped += b
+        self.streak.mul_(b).add_(b)  # +1 while bad, reset to 0 by a good step
+
+    def check(self, state: TrainState) -> None:
+        state.skipped_steps, state.bad_streak = int(self.skipped.item()), int(self.streak.item())
+        if state.bad_streak >= self.max_bad:
+            raise Diverged(
+                f"loss or gradient not finite for {state.bad_streak} steps in a row (last at step {state.step}); "
+                "lower train.lr or raise train.grad_clip; the last good checkpoint is kept"
+            )
+
+
 class _StepModel:
     """What objectives see during training: hidden() and logits() of the model, with the
     hidden pass routed through DDP's forward when data-parallel (so its reducer is armed),
@@ -225,7 +248,8 @@ def fit(job: Job) -> dict:
 
     last_log_t, last_log_tokens = time.perf_counter(), state.tokens
     loss_sum = torch.zeros((), device=device)
-    loss_count = 0
+    loss_count = torch.zeros((), device=device)
+    guard = _Guard(state, cfg.guard.max_bad_steps, device)
     last_metrics: dict = {}
     val_metrics: dict = {}
     t_resume = time.perf_counter()
@@ -273,37 +297,33 @@ def fit(job: Job) -> dict:
                 if flags[0] > 0 and sig.signum is None:
                     sig.signum = int(flags[0].item())
                 t_resume = time.perf_counter() - float(flags[1])
-            finite = bool(torch.isfinite(step_loss + gnorm))  # the one host sync per optimizer step
-            if finite:
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                state.bad_streak = 0
-                loss_sum += step_loss
-                loss_count += 1
+            # Non-finite loss or gradient: skip the update. Decided on the device (fused AdamW reads
+            # found_inf; the GradScaler does the same for fp16), counted on the device, read on logging.
+            bad = ~torch.isfinite(step_loss + gnorm)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
             else:
-                if scaler:
-                    scaler.update()
-                state.skipped_steps += 1
-                state.bad_streak += 1
-                if state.bad_streak >= cfg.guard.max_bad_steps:
-                    raise Diverged(
-                        f"loss or gradient not finite for {state.bad_streak} steps in a row (last at step {state.step}); "
-                        "lower train.lr or raise train.grad_clip; the last good checkpoint is kept"
-                    )
+                opt.found_inf = bad.float()
+                opt.step()
+                del opt.found_inf
+            guard.update(bad)
+            loss_sum += torch.where(bad, 0.0, step_loss)
+            loss_count += (~bad).float()
             opt.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens += n_micro * mbs * world * L
             state.seconds = seconds_before + time.perf_counter() - t_resume
 
             done = budget.fraction(state) >= 1.0
-            if state.step % cfg.logger.every == 0 or done:
+            log_now = state.step % cfg.logger.every == 0 or done
+            if log_now or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+                guard.check(state)  # host sync: only on log and checkpoint steps
+            if log_now:
                 now = time.perf_counter()
                 tok_s = (state.tokens - last_log_tokens) / max(1e-9, now - last_log_t)
                 last_metrics = {
-                    "loss": (loss_sum / max(1, loss_count)).item() if loss_count else float("nan"),
+                    "loss": (loss_sum / loss_count).item() if loss_count.item() else float("nan"),
                     "lr": lr,
                     "grad_norm": float(gnorm),
                     "tok/s": tok_s,
@@ -319,7 +339,7 @@ def fit(job: Job) -> dict:
                 eta = state.seconds * (1 - f) / f if f > 0 else float("nan")
                 sinks.console.progress_update(f, eta, last_metrics, state.step)
                 loss_sum.zero_()
-                loss_count = 0
+                loss_count.zero_()
                 last_log_t, last_log_tokens = time.perf_counter(), state.tokens
             if cfg.val.every and state.step % cfg.val.every == 0 and not done:
                 t_pause = time.perf_counter()
@@ -334,6 +354,7 @@ def fit(job: Job) -> dict:
                 save(job, f"step-{state.step:06d}", opt, scaler, state)
                 t_resume += time.perf_counter() - t_pause
 
+    guard.check(state)
     if stop is not None:
         path = save(job, f"step-{state.step:06d}", opt, scaler, state)
         name = "SIGINT" if stop == signal.SIGINT else "SIGTERM"
