@@ -122,6 +122,7 @@ class TrainCfg:
     grad_clip: float = 1.0
     batch_ramp: float = 0.0  # fraction of the budget over which batch size ramps up
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
     peak_tflops: Optional[float] = None  # for MFU; default: looked up from the GPU name
 
 

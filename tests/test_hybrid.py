@@ -158,3 +158,15 @@ def test_hybrid_runs_learn_both_ways_and_log_phases(recipe, tmp_path, monkeypatc
     assert filled.shape == ids.shape and (filled != tok.mask_id).all()
     out = generate(model, ids[:, :8], 5, temperature=0)
     assert out.shape == (1, 13)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    batch = torch.randint(5, V, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_model(seed=3)
+        m.train()
+        m.activation_checkpointing = ckpt
+        m(batch).float().logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from lmtk.models.layers import MLP, default_d_ff, make_norm, sinusoidal_table
 from lmtk.models.mixers import build_mixer
@@ -72,6 +73,7 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.activation_checkpointing = False  # a training choice, set by the loop (train.activation_checkpointing)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.positions == "learned":
             self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
@@ -106,7 +108,11 @@ class LanguageModel(nn.Module):
             x = x + self.pos_table[:T].to(x.dtype)
         x = self.drop(self.embed_norm(x))
         for block in self.blocks:
-            x = block(x, causal=causal)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # recompute the block in backward instead of storing its activations
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
         return self.final_norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

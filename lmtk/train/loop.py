@@ -219,6 +219,7 @@ def fit(job: Job) -> dict:
     tc = cfg.train
     model.to(device)
     model.train()
+    model.activation_checkpointing = tc.activation_checkpointing
     opt = build_optimizer(model, cfg.optim, tc.lr, device)
     scaler = torch.amp.GradScaler(device.type) if job.dtype == torch.float16 else None
     state = TrainState()
