@@ -141,16 +141,15 @@ class Source:
         import datasets
 
         c = self.cfg
+        local = Path(c.name).expanduser()
         try:
-            if Path(c.name).is_dir() and (Path(c.name) / "dataset_dict.json").exists() or (
-                Path(c.name) / "dataset_info.json"
-            ).exists():
-                ds = datasets.load_from_disk(c.name)
+            if (local / "dataset_dict.json").is_file() or (local / "dataset_info.json").is_file():
+                ds = datasets.load_from_disk(str(local))  # a folder written by save_to_disk
                 if isinstance(ds, datasets.DatasetDict):
                     ds = ds[split]
             else:
                 ds = datasets.load_dataset(c.name, c.config, split=split)
-        except (FileNotFoundError, ValueError, ConnectionError) as err:
+        except Exception as err:  # hub, network, config and split errors all mean: this dataset cannot be read
             raise UserError(f"cannot load dataset '{c.name}' ({c.config}, split {split}): {str(err).splitlines()[0]}") from None
         if c.field not in ds.column_names:
             raise UserError(f"dataset '{c.name}' has no column '{c.field}' (columns: {', '.join(ds.column_names)}); set data.field")
