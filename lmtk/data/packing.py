@@ -42,9 +42,8 @@ def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype) -> 
         for batch in _batches(docs, BATCH_DOCS):
             n_chars += sum(map(len, batch))
             ids = tok.encode_batch(batch)
-            flat = np.fromiter(
-                (t for seq in ids for t in (*seq, tok.eos_id)), dtype=dtype, count=sum(len(s) + 1 for s in ids)
-            )
+            eos = np.array([tok.eos_id], dtype=dtype)
+            flat = np.concatenate([part for seq in ids for part in (np.asarray(seq, dtype=dtype), eos)])
             f.write(flat.tobytes())
             n_tok += len(flat)
         f.flush()

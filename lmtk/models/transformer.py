@@ -79,6 +79,9 @@ class LanguageModel(nn.Module):
             self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         elif cfg.positions == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+            # Scaled sinusoid (as in Cramming): a learned scale, starting where the table's RMS
+            # (1/sqrt 2) matches the token embeddings' (init_std), so positions do not drown tokens.
+            self.pos_scale = nn.Parameter(torch.tensor(cfg.init_std * 2**0.5))
         self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias) if cfg.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -105,7 +108,7 @@ class LanguageModel(nn.Module):
         if self.cfg.positions == "learned":
             x = x + self.pos.weight[:T]
         elif self.cfg.positions == "sinusoidal":
-            x = x + self.pos_table[:T].to(x.dtype)
+            x = x + (self.pos_scale * self.pos_table[:T]).to(x.dtype)
         x = self.drop(self.embed_norm(x))
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -126,8 +129,10 @@ class LanguageModel(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.embed.weight.numel() - (self.pos.weight.numel() if hasattr(self, "pos") else 0)
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x matmul params (incl. the LM head) + attention scores (PaLM, app. B)."""
+    def flops_per_token(self, seq_len: int, head_fraction: float = 1.0) -> float:
+        """Training FLOPs per token: 6 x matmul params + attention scores (PaLM, app. B). The LM
+        head runs on `head_fraction` of the positions (sparse MLM prediction: the mask rate)."""
         c = self.cfg
-        n_matmul = self.num_params(embeddings=False) + c.vocab_size * c.d_model
-        return 6 * n_matmul + 12 * c.n_layers * c.d_model * seq_len
+        body = self.num_params(embeddings=False) - (0 if c.tie_embeddings else self.head.weight.numel())
+        head = c.vocab_size * c.d_model * head_fraction
+        return 6 * (body + head) + 12 * c.n_layers * c.d_model * seq_len

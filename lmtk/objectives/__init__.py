@@ -17,6 +17,7 @@ class Objective:
     name = "?"
     masked_shift = 0  # masked predictions: the output at p - masked_shift predicts token p
     val_key = "clm"  # which val/<key>_loss is this objective's val/loss
+    head_fraction = 1.0  # share of positions the LM head runs on (for FLOPs / MFU)
 
     def __init__(self, cfg, tok):
         self.cfg = cfg
@@ -67,6 +68,7 @@ class MLM(Objective):
     def __init__(self, cfg, tok, rate: float | None = None):
         super().__init__(cfg, tok)
         self.rate = cfg.mask_rate if rate is None else rate
+        self.head_fraction = self.rate
 
     def corrupt(self, batch, gen, rate: float | None = None, first: int = 0):
         """(corrupted batch, selected positions [B, k]); positions drawn from first..L-1."""

@@ -242,7 +242,7 @@ def fit(job: Job) -> dict:
     world = dist.world
     pin = device.type == "cuda"
     peak = _peak_tflops(cfg, device)
-    flops_tok = model.flops_per_token(L)
+    flops_tok = model.flops_per_token(L, job.objective.head_fraction)
 
     if state.step == 0 and cfg.val.at_start:
         sinks.log(evaluate(job), 0)

@@ -1,0 +1,125 @@
+"""Deterministic resume: a run restarted from a mid-run checkpoint ends bit-identical to a
+straight run (weights and per-step losses). The crash is simulated in the run directory;
+test_reliability.py has the real SIGKILL version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import helpers
+
+N = 4  # the straight run takes 2N steps; the crash happens after step N+1
+COMMON = [*helpers.TINY, f"budget.steps={2 * N}", "logger.every=1", "schedule=cosine"]
+
+
+def _weights(run):
+    return load_file(str(run / "checkpoints" / "final" / "model.safetensors"))
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"tensor {k} differs"
+
+
+def _losses(run) -> dict[int, float]:
+    rows = [m for m in helpers.metrics(run) if "loss" in m]
+    steps = [m["step"] for m in rows]
+    assert len(steps) == len(set(steps)), f"duplicate metrics rows in {run.name}: {steps}"
+    return {m["step"]: m["loss"] for m in rows}
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _simulate_crash(run, crashed_after: int) -> None:
+    """What SIGKILL after step `crashed_after` leaves: no final/, no later checkpoints,
+    metrics rows up to that step plus a torn line, status running, a stale lock."""
+    ck = run / "checkpoints"
+    shutil.rmtree(ck / "final")
+    for d in ck.iterdir():
+        if d.name.startswith("step-") and int(d.name[5:]) > crashed_after:
+            shutil.rmtree(d)
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= crashed_after]
+    (run / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 99, "loss": 1.2')  # torn last line
+    info = helpers.info(run)
+    info["status"] = "running"
+    info.pop("summary", None)
+    (run / "run.json").write_text(json.dumps(info))
+    (run / ".lock").write_text(str(_dead_pid()))
+
+
+def test_resume_is_bit_identical(lmtk_env):
+    runs = lmtk_env.runs
+    helpers.train(*COMMON, "run.name=A")
+    helpers.train(*COMMON, "run.name=B", f"checkpoint.every={N // 2}", "checkpoint.keep=5")
+    a, b = runs / "A", runs / "B"
+    # checkpoints at N/2, N, 3N/2 (not at 2N: the end writes final/ instead)
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == [
+        "final", f"step-{N // 2:06d}", f"step-{N:06d}", f"step-{3 * N // 2:06d}"
+    ]
+    _assert_same_weights(a, b)  # checkpointing does not perturb training
+
+    c = runs / "C"
+    shutil.copytree(b, c)
+    _simulate_crash(c, crashed_after=N + 1)
+    with pytest.warns(UserWarning, match="stale lock"):
+        helpers.train(*COMMON, "run.name=C", f"checkpoint.every={N // 2}", "checkpoint.keep=5", "resume=auto", "run.overwrite=false")
+
+    info = helpers.info(c)
+    assert info["status"] == "done" and info.get("resumed") == 1 and info["summary"]["steps"] == 2 * N
+    _assert_same_weights(a, c)
+    la, lc = _losses(a), _losses(c)
+    assert sorted(la) == list(range(1, 2 * N + 1))
+    assert lc == la  # every step's loss, exactly, and no duplicated rows from before the crash
+    assert helpers.val_losses(c) == helpers.val_losses(a)
+    assert not (c / ".lock").exists()
+
+
+def test_resume_from_checkpoint_path_into_new_run(lmtk_env):
+    runs = lmtk_env.runs
+    helpers.train(*COMMON, "run.name=A")
+    helpers.train(*COMMON, "run.name=B", f"checkpoint.every={N}")
+    ckpt = runs / "B" / "checkpoints" / f"step-{N:06d}"
+    assert ckpt.is_dir()
+    helpers.train(*COMMON, "run.name=D", f"resume={ckpt}")
+    _assert_same_weights(runs / "A", runs / "D")
+    for f in ("config.yaml", "overrides.yaml", "tokenizer.json", "model.json"):  # a new run gets its own files
+        assert (runs / "D" / f).is_file(), f"{f} missing in a run resumed from another run's checkpoint"
+    ld = _losses(runs / "D")
+    assert sorted(ld) == list(range(N + 1, 2 * N + 1))
+    assert all(ld[s] == _losses(runs / "A")[s] for s in ld)
+
+
+def test_resume_auto_refuses_a_finished_run(lmtk_env):
+    helpers.train(*helpers.TINY, "budget.steps=1", "run.name=F")
+    before = (lmtk_env.runs / "F" / "run.json").read_text()
+    res = helpers.cli("train", *helpers.TINY, "budget.steps=1", "run.name=F", "resume=auto")
+    assert res.exit_code != 0 and "already finished" in str(res.exception)
+    assert (lmtk_env.runs / "F" / "run.json").read_text() == before
+
+
+def test_resume_with_changed_model_is_refused(lmtk_env):
+    runs = lmtk_env.runs
+    helpers.train(*COMMON, "run.name=M", f"checkpoint.every={N}", "checkpoint.keep=5")
+    shutil.rmtree(runs / "M" / "checkpoints" / "final")
+    info = helpers.info(runs / "M")
+    info["status"] = "interrupted"
+    (runs / "M" / "run.json").write_text(json.dumps(info))
+    before = {f: (runs / "M" / f).read_bytes() for f in ("run.json", "metrics.jsonl", "config.yaml")}
+    res = helpers.cli("train", *COMMON, "run.name=M", "resume=auto", "model.d_model=48")
+    assert res.exit_code != 0 and "cannot resume" in str(res.exception) and "d_model: 32 -> 48" in str(res.exception)
+    assert {f: (runs / "M" / f).read_bytes() for f in before} == before  # refused before touching the run
+    assert os.path.isdir(runs / "M" / "checkpoints" / f"step-{N:06d}")
