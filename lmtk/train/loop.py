@@ -347,6 +347,7 @@ def fit(job: Job) -> dict:
                 val_metrics = evaluate(job)
                 sinks.log(val_metrics, state.step)
                 t_resume += time.perf_counter() - t_pause  # validation does not spend the budget
+                last_log_t += time.perf_counter() - t_pause  # nor lower the logged tok/s
             if sig.signum is not None:
                 stop = sig.signum
                 break
@@ -354,6 +355,7 @@ def fit(job: Job) -> dict:
                 t_pause = time.perf_counter()
                 save(job, f"step-{state.step:06d}", opt, scaler, state)
                 t_resume += time.perf_counter() - t_pause
+                last_log_t += time.perf_counter() - t_pause
 
     guard.check(state)
     if stop is not None:
