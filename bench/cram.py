@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from common import parse_with_overrides, table
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "bench" / "data" / "english"
@@ -53,11 +54,7 @@ def parse_args(argv=None):
                    help="environment for the lmtk processes, repeatable (e.g. OMP_WAIT_POLICY=PASSIVE on a shared CPU)")
     p.add_argument("--json", default=None, help="also append one JSON line per run to this file")
     p.add_argument("--quiet", action="store_true", help="hide lmtk's own output (it goes to <run>.log)")
-    args, extra = p.parse_known_args(argv)
-    bad = [e for e in extra if "=" not in e]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)} (overrides must be key=value)")
-    args.overrides = extra
+    args = parse_with_overrides(p, argv)
     return args
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from common import stub_tokenizer, table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,15 +70,8 @@ def parse_args(argv=None):
     return args
 
 
-def table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
-def _stub_tokenizer(vocab: int):
-    """What objectives read from a tokenizer: the five specials at ids 0-4 (lmtk's layout)."""
-    return SimpleNamespace(vocab_size=vocab, pad_id=0, unk_id=1, cls_id=2, eos_id=3, mask_id=4, special_ids=[0, 1, 2, 3, 4])
 
 
 def sync(device):
@@ -109,7 +103,7 @@ def bench_model(name: str, args, device: torch.device) -> list[str]:
     mcfg = ModelConfig.from_dict(m)
     torch.manual_seed(0)
     model = build_model(mcfg).to(device).train()
-    tok = _stub_tokenizer(d.vocab)
+    tok = stub_tokenizer(d.vocab)
     if d.objective == "mlm":
         ocfg = OmegaConf.load(REPO / "conf" / "objective" / "mlm.yaml")
         ocfg.mask_rate = args.mask_rate

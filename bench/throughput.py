@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from common import parse_with_overrides, stub_tokenizer, table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,18 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--no-bert", action="store_true", help="skip the BERT row")
     p.add_argument("--data-mb", type=float, default=20.0, help="MB of embedded corpus to tokenise (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda; precision stays fp32")
-    args, extra = p.parse_known_args(argv)
-    bad = [e for e in extra if "=" not in e]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)} (overrides must be key=value)")
-    args.overrides = extra
+    args = parse_with_overrides(p, argv)
     return args
 
 
-def table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,9 +59,6 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _stub_tokenizer(vocab: int):
-    """What objectives read from a tokenizer: the five specials at ids 0-4 (lmtk's layout)."""
-    return SimpleNamespace(vocab_size=vocab, pad_id=0, unk_id=1, cls_id=2, eos_id=3, mask_id=4, special_ids=[0, 1, 2, 3, 4])
 
 
 def train_throughput(label: str, cfg, vocab: int, micro_batch: int, steps: int, warmup: int, device: torch.device) -> list[str]:
@@ -80,7 +70,7 @@ def train_throughput(label: str, cfg, vocab: int, micro_batch: int, steps: int, 
     torch.manual_seed(0)
     mcfg = model_config(cfg.model, vocab)
     model = build_model(mcfg).to(device).train()
-    tok = _stub_tokenizer(vocab)
+    tok = stub_tokenizer(vocab)
     objective = build_objective(cfg.objective, tok)
     opt = build_optimizer(model, cfg.optim, cfg.train.lr, device)
     L = cfg.data.seq_len

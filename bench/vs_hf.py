@@ -49,6 +49,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from common import stub_tokenizer, table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,10 +103,6 @@ def dims(args, pair: str) -> SimpleNamespace:
     return SimpleNamespace(**base)
 
 
-def table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,9 +110,6 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _stub_tokenizer(vocab: int):
-    """What objectives read from a tokenizer: the five specials at ids 0-4 (lmtk's layout)."""
-    return SimpleNamespace(vocab_size=vocab, pad_id=0, unk_id=1, cls_id=2, eos_id=3, mask_id=4, special_ids=[0, 1, 2, 3, 4])
 
 
 def _optim_cfg():
@@ -131,7 +125,7 @@ def _mlm_objective(d, mask_rate: float):
 
     cfg = OmegaConf.load(REPO / "conf" / "objective" / "mlm.yaml")
     cfg.mask_rate = mask_rate
-    return MLM(cfg, _stub_tokenizer(d.vocab))
+    return MLM(cfg, stub_tokenizer(d.vocab))
 
 
 def _lmtk_model(yaml_name: str, d, **extra):
@@ -188,7 +182,7 @@ def build(which: str, args, device: torch.device):
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
            else torch.autocast(device.type, enabled=False))
     mlm = _mlm_objective(d, args.mask_rate) if pair == "bert" else None
-    clm = CLM(None, _stub_tokenizer(d.vocab)) if pair == "gpt" else None
+    clm = CLM(None, stub_tokenizer(d.vocab)) if pair == "gpt" else None
 
     def loss_of(i: int, rows: int | None = None) -> torch.Tensor:
         batch = batches[i % len(batches)][:rows]
