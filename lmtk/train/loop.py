@@ -277,8 +277,9 @@ def fit(job: Job) -> dict:
                     first = state.samples + dist.rank * mbs
                     batch = job.train_data.get(first, mbs, pin=pin).to(device, non_blocking=True)
                     gen = torch.Generator(device).manual_seed(step_seed(cfg.seed, state.step, micro * world + dist.rank))
-                    with _autocast(job), step_model.sync(micro == n_micro - 1):
-                        loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
+                    with step_model.sync(micro == n_micro - 1):
+                        with _autocast(job):  # forward only: backward runs in the forward's dtypes
+                            loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
                         scaled = loss / n_micro
                         (scaler.scale(scaled) if scaler else scaled).backward()
                     step_loss += loss.detach().float() / (n_micro * world)
