@@ -105,6 +105,43 @@ def runs(
     console.print(t)
 
 
+@app.command()
+def generate(
+    run: str = typer.Argument(..., help="run name, run directory or checkpoint directory"),
+    prompt: str = typer.Option("", "--prompt", "-p", help="text to continue"),
+    max_new: int = typer.Option(100, "--max-new", "-n", help="tokens to generate"),
+    temperature: float = typer.Option(0.8, help="0: greedy"),
+    top_k: int = typer.Option(50, help="sample from the k most likely tokens (0: all)"),
+    seed: int = typer.Option(0),
+    fill_mask: bool = typer.Option(False, "--fill-mask", help="instead: replace each [MASK] in the prompt (masked LM)"),
+    root: str = typer.Option(None, "--root", help="runs directory (default: $LMTK_RUNS or ./runs)"),
+):
+    """Continue a prompt with a trained model (causal LM), or fill its [MASK]s (masked LM)."""
+    import torch
+
+    from lmtk.models import infer
+    from lmtk.runs import load_pretrained
+
+    model, tok, meta = load_pretrained(run, root=root or os.environ.get("LMTK_RUNS", "runs"))
+    shift = 1 if meta.get("objective") == "gpt-bert" else 0
+    if fill_mask:
+        if "[MASK]" not in prompt:
+            raise UserError("--fill-mask needs a prompt with [MASK] in it")
+        parts = prompt.split("[MASK]")
+        ids = []
+        for i, part in enumerate(parts):
+            ids += tok.encode(part) if part else []
+            if i < len(parts) - 1:
+                ids.append(tok.mask_id)
+        out = infer.fill_mask(model, torch.tensor([ids]), tok.mask_id, shift)
+    else:
+        ids = tok.encode(prompt) or [tok.eos_id]
+        gen = torch.Generator().manual_seed(seed)
+        max_len = model.cfg.max_seq_len if model.cfg.positions == "learned" else None
+        out = infer.generate(model, torch.tensor([ids]), max_new, temperature, top_k or None, gen, max_len)
+    typer.echo(tok.decode(out[0].tolist()))
+
+
 def _click_error(err: Exception) -> bool:
     # typer vendors click (typer._click), so match its exceptions by shape, not by class.
     return hasattr(err, "format_message") and hasattr(err, "exit_code")

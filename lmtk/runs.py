@@ -364,6 +364,8 @@ def load_pretrained(path, root=None):
     p = Path(path).expanduser()
     if not p.exists() and root is not None:
         p = runs_root(root) / str(path)
+    if not p.exists():
+        raise UserError(f"no run named '{path}' (looked in {runs_root(root) if root else Path.cwd()}); `lmtk runs` lists them")
     ckpt = p if (p / "meta.json").is_file() else None
     if ckpt is None:
         run = RunDir(p)

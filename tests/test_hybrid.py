@@ -170,3 +170,23 @@ def test_activation_checkpointing_gives_the_same_gradients():
         m(batch).float().logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_generate_and_fill_mask_commands(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from lmtk.train.pretrain import run
+
+    monkeypatch.setenv("LMTK_RUNS", str(tmp_path / "runs"))
+    run(compose("gpt-bert", TINY + ["budget.steps=4", "run.name=g"]), "gpt-bert", [])
+    env = dict(__import__("os").environ, LMTK_RUNS=str(tmp_path / "runs"))
+    base = [sys.executable, "-m", "lmtk", "generate", "g"]
+    a = subprocess.run(base + ["-p", "def main(", "-n", "12", "--seed", "1"], env=env, capture_output=True, text=True)
+    b = subprocess.run(base + ["-p", "def main(", "-n", "12", "--seed", "1"], env=env, capture_output=True, text=True)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout.startswith("def main(") and len(a.stdout) > len("def main(") and a.stdout == b.stdout
+    f = subprocess.run(base + ["--fill-mask", "-p", "import [MASK]"], env=env, capture_output=True, text=True)
+    assert f.returncode == 0 and "[MASK]" not in f.stdout and f.stdout.startswith("import")
+    bad = subprocess.run(base[:-1] + ["nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: no run named 'nope'" in bad.stderr
