@@ -118,3 +118,16 @@ def test_padded_vocab_and_model_config():
 def test_model_config_roundtrip():
     cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, positions="rope")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    batch = torch.randint(5, V, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        m = tiny()  # same seed, same weights
+        m.train()
+        m.activation_checkpointing = ckpt
+        m(batch).float().logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+

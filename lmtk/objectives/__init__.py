@@ -5,6 +5,8 @@ log-likelihoods; `loss` is their mean. The loop never looks inside."""
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +15,7 @@ from lmtk.errors import UserError
 VAL_MASK_RATE = 0.15  # validation masks 15% whatever the training rate, so masked losses compare
 
 
-class Objective:
+class Objective(abc.ABC):
     name = "?"
     masked_shift = 0  # masked predictions: the output at p - masked_shift predicts token p
     val_key = "clm"  # which val/<key>_loss is this objective's val/loss
@@ -26,9 +28,9 @@ class Objective:
         self.mask_id = tok.mask_id
         self.n_special = len(tok.special_ids)
 
+    @abc.abstractmethod
     def nll(self, model, batch: torch.Tensor, gen: torch.Generator):
         """(nll [N] in nats, target ids [N]) for the N predicted positions of the batch."""
-        raise NotImplementedError
 
     def val_objectives(self) -> dict:
         """The causal and the masked reading of this model, reported at every validation."""
