@@ -7,7 +7,10 @@ reuses the cache. uint16 when the vocabulary fits, else uint32.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
+import multiprocessing
 import json
 import os
 import shutil
@@ -21,7 +24,8 @@ import torch
 from lmtk.data.tokenizer import Tokenizer, cache_root
 from lmtk.errors import UserError
 
-BATCH_DOCS = 512  # documents per encode_batch call (the Rust side parallelises within a batch)
+BATCH_DOCS = 512  # documents per encode call
+POOL_AFTER_BATCHES = 4  # small data stays in-process: a pool costs ~0.1 s to start
 
 
 def _batches(docs: Iterable[str], n: int) -> Iterator[list[str]]:
@@ -35,17 +39,65 @@ def _batches(docs: Iterable[str], n: int) -> Iterator[list[str]]:
         yield buf
 
 
-def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype) -> tuple[int, int]:
+_worker_tok: Tokenizer | None = None
+
+
+def _worker_init(tok: Tokenizer) -> None:
+    global _worker_tok
+    _worker_tok = tok
+
+
+def _worker_encode(batch: list[str]) -> np.ndarray:
+    return _worker_tok.encode_stream(batch)
+
+
+def _encoded(docs: Iterable[str], tok: Tokenizer, workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(batch, ids) in document order; batches after the first few go to `workers` processes
+    when the encoding runs in Python (byte-level BPE's word cache)."""
+    batches = _batches(docs, BATCH_DOCS)
+    head = list(itertools.islice(batches, POOL_AFTER_BATCHES))
+    for batch in head:
+        yield batch, tok.encode_stream(batch)
+    if len(head) < POOL_AFTER_BATCHES or workers < 2 or not tok.parallel_encode:
+        for batch in batches:
+            yield batch, tok.encode_stream(batch)
+        return
+    # fork: workers inherit the tokenizer, its warm word cache and the compiled split pattern;
+    # they never touch torch. TOKENIZERS_PARALLELISM set across the fork keeps `tokenizers` from
+    # warning that its threads were used before (the workers are single-threaded on purpose).
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers, _worker_init, (tok,))
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append((batch, pool.apply_async(_worker_encode, (batch,))))
+            if len(pending) > 2 * workers:  # bounded read-ahead: memory stays flat on big corpora
+                done, res = pending.popleft()
+                yield done, res.get()
+        while pending:
+            done, res = pending.popleft()
+            yield done, res.get()
+
+
+def encode_workers() -> int:
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+
+
+def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype, workers: int | None = None) -> tuple[int, int]:
     """Stream documents through the tokenizer into a raw binary file. Returns (tokens, chars)."""
     n_tok = n_chars = 0
     with open(path, "wb") as f:
-        for batch in _batches(docs, BATCH_DOCS):
+        for batch, ids in _encoded(docs, tok, encode_workers() if workers is None else workers):
             n_chars += sum(map(len, batch))
-            ids = tok.encode_batch(batch)
-            eos = np.array([tok.eos_id], dtype=dtype)
-            flat = np.concatenate([part for seq in ids for part in (np.asarray(seq, dtype=dtype), eos)])
-            f.write(flat.tobytes())
-            n_tok += len(flat)
+            f.write(ids.astype(dtype).tobytes())
+            n_tok += len(ids)
         f.flush()
         os.fsync(f.fileno())
     return n_tok, n_chars

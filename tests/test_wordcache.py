@@ -1,0 +1,93 @@
+"""The byte-level BPE word cache gives exactly the ids `tokenizers` gives, on any text."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from lmtk.data import packing, wordcache
+from lmtk.data.sources import stdlib_files
+from lmtk.data.tokenizer import Tokenizer, train_tokenizer
+
+# Characters the split pattern must classify like Oniguruma does: letters and numbers outside
+# ASCII (some above U+FFFF), combining marks, every kind of white space (and \x1c-\x1f, which
+# Python's \s calls space and Unicode does not), contractions, symbols, emoji.
+TRICKY = (
+    "naïve café Ünïcödé ΑΒΓ αβγ Привет мир 中文字符 日本語テキスト 한국어 ١٢٣ ۴۵۶ ² ³ ½ Ⅻ ⅷ "
+    "𝐀𝐁𝐂 𝟎𝟏𝟐 𐐀𐐨 𠀀𠀁 e\u0301 a\u0308 \x1c\x1d\x1e\x1f \u00a0\u1680\u2000\u200a\u2028\u2029\u202f\u205f\u3000 "
+    "it's we're they've I'm you'll he'd IT'S don't 's 't ''s "
+    "\t\t  \n\n    \r\n\x0b\x0c  x   y\t \tz "
+    "😀👍🏽 ∑∫≈ §¶ — – … «» “quoted” ‘single’ $100 €5 ¥ £ 3.14 1e-9 0x1F _under_score_ "
+)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    text = "".join(open(f, encoding="utf-8", errors="replace").read() for f in stdlib_files()[:20]) + TRICKY * 5
+    cfg = OmegaConf.create(dict(kind="bpe", vocab_size=400, train_chars=300_000, lowercase=False))
+    return train_tokenizer(cfg, [text])
+
+
+def reference(tok: Tokenizer, docs: list[str]) -> np.ndarray:
+    """What `tokenizers` itself gives: each document's ids then [SEP]."""
+    return np.array([i for e in tok.tk.encode_batch(docs, add_special_tokens=False) for i in e.ids + [tok.eos_id]])
+
+
+def random_docs(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    alphabet = list(TRICKY) + [chr(rng.randrange(0x20, 0x3000)) for _ in range(300)] + \
+        [chr(rng.randrange(0x10000, 0x2FFFF)) for _ in range(100)]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 200))) for _ in range(n)]
+
+
+def test_supported_only_for_plain_byte_level_bpe(bpe):
+    assert wordcache.supports(bpe.tk)
+    wp = train_tokenizer(OmegaConf.create(dict(kind="wordpiece", vocab_size=200, train_chars=10_000, lowercase=True)), [TRICKY * 20])
+    lower = train_tokenizer(OmegaConf.create(dict(kind="bpe", vocab_size=300, train_chars=10_000, lowercase=True)), [TRICKY * 20])
+    assert not wordcache.supports(wp.tk) and not wordcache.supports(lower.tk)
+
+
+def test_identical_ids_on_code_unicode_and_random_text(bpe):
+    code = [open(f, encoding="utf-8", errors="replace").read() for f in stdlib_files()[20:60]]
+    docs = code + [TRICKY, "", " ", "\n", "   leading and trailing   "] + random_docs(300, seed=0)
+    cache = wordcache.WordCache(bpe.tk, bpe.eos_id)
+    got = np.concatenate([cache.encode(docs[i : i + 37]) for i in range(0, len(docs), 37)])
+    np.testing.assert_array_equal(got, reference(bpe, docs))
+    assert len(cache.index) > 1000  # the cache did the work, not a fallback
+
+
+def test_documents_with_special_token_text_take_the_tokenizers_path(bpe):
+    docs = ["plain words here", "a literal [SEP] and [MASK] inside", "more plain words"]
+    got = wordcache.WordCache(bpe.tk, bpe.eos_id).encode(docs)
+    np.testing.assert_array_equal(got, reference(bpe, docs))
+    assert (got == bpe.mask_id).sum() == 1  # `tokenizers` matches added tokens in the text
+
+
+def test_cache_starts_over_when_full(bpe, monkeypatch):
+    monkeypatch.setattr(wordcache, "MAX_WORDS", 50)
+    docs = random_docs(60, seed=1)
+    cache = wordcache.WordCache(bpe.tk, bpe.eos_id)
+    got = np.concatenate([cache.encode(docs[i : i + 5]) for i in range(0, len(docs), 5)])
+    np.testing.assert_array_equal(got, reference(bpe, docs))
+    assert len(cache.index) < 50 + 5 * 200
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tokenize_to_file_in_worker_processes_keeps_order(bpe, tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(packing, "BATCH_DOCS", 7)
+    monkeypatch.setattr(packing, "POOL_AFTER_BATCHES", 2)
+    docs = random_docs(120, seed=2) + [TRICKY] * 3
+    n_tok, n_chars = packing.tokenize_to_file(iter(docs), bpe, tmp_path / "t.bin", np.uint16, workers=workers)
+    got = np.fromfile(tmp_path / "t.bin", dtype=np.uint16)
+    np.testing.assert_array_equal(got, reference(bpe, docs))
+    assert (n_tok, n_chars) == (len(got), sum(map(len, docs)))
+
+
+def test_wordpiece_stream_matches_its_encode(tmp_path):
+    wp = train_tokenizer(OmegaConf.create(dict(kind="wordpiece", vocab_size=300, train_chars=50_000, lowercase=True)), [TRICKY * 50])
+    docs = [TRICKY, "Hello World", ""]
+    n_tok, _ = packing.tokenize_to_file(iter(docs), wp, tmp_path / "w.bin", np.uint16, workers=2)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "w.bin", dtype=np.uint16), reference(wp, docs))
