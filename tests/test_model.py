@@ -19,7 +19,7 @@ IDS = [f"{v['positions']}-{v['norm_position']}" for v in VARIANTS]
 
 def tiny(**kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, **kw)
+    cfg = ModelConfig(**{"vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64, **kw})
     return build_model(cfg).eval()
 
 
@@ -131,3 +131,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
+
+
+def test_rope_beyond_max_seq_len_extends_the_table():
+    """Generating past max_seq_len with rotary positions: the prefix's outputs do not change."""
+    model = tiny(positions="rope", max_seq_len=16).eval()
+    idx = torch.randint(5, V, (2, 24))
+    with torch.no_grad():
+        short, long = model(idx[:, :16]), model(idx)
+    torch.testing.assert_close(long[:, :16], short)
+    assert model.blocks[0].mixer.rotary.cos.shape[0] == 16

@@ -61,21 +61,27 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (RoFormer), applied to q and k of shape [B, H, T, Dh]."""
+    """Rotary position embedding (RoFormer), applied to q and k of shape [B, H, T, Dh].
 
-    def __init__(self, head_dim: int, base: float):
+    The cos/sin tables are buffers built once for max_len positions: no state changes inside
+    forward, so torch.compile sees a static graph (a lazily filled cache forced a recompile)."""
+
+    def __init__(self, head_dim: int, base: float, max_len: int):
         super().__init__()
         inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+        cos, sin = self._table(max_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def cos_sin(self, T: int, device, dtype):
-        c = self._cache
-        if c is None or c[0] < T or c[1] != device:
-            t = torch.arange(max(T, 64), device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            self._cache = c = (len(t), device, freqs.cos(), freqs.sin())
-        return c[2][:T].to(dtype), c[3][:T].to(dtype)
+    def _table(self, n: int):
+        freqs = torch.outer(torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos(), freqs.sin()
+
+    def cos_sin(self, T: int, dtype):
+        # longer than max_seq_len (e.g. generating past it): computed for this call only
+        cos, sin = (self.cos[:T], self.sin[:T]) if T <= len(self.cos) else self._table(T)
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(self, x, cos, sin):
         x1, x2 = x[..., 0::2], x[..., 1::2]

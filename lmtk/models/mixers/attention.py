@@ -19,13 +19,13 @@ class Attention(nn.Module):
         self.out.is_residual_out = True
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.rotary = Rotary(self.head_dim, cfg.rope_base) if cfg.positions == "rope" else None
+        self.rotary = Rotary(self.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.positions == "rope" else None
 
     def forward(self, x, causal: bool = True):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(T, x.device, q.dtype)
+            cos, sin = self.rotary.cos_sin(T, q.dtype)
             q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
