@@ -1,8 +1,13 @@
-"""Data parallelism on torch.distributed (DDP), launched by torchrun.
+"""Data parallelism on torch.distributed, launched by torchrun: DDP, or FSDP2 (fully_shard).
 
 `torchrun --nproc_per_node=N -m lmtk train ...` sets RANK/WORLD_SIZE; lmtk then joins the
 process group (NCCL on CUDA, gloo on CPU). Rank 0 alone writes the run directory and logs.
-No communication code of our own beyond a few all-reduces of scalars."""
+No communication code of our own beyond a few all-reduces of scalars.
+
+launcher.strategy=fsdp shards parameters, gradients and optimizer state over the ranks
+(fully_shard on each block, then the root). Checkpoints stay in the single-process format:
+full weights and an index-keyed optimizer state, gathered to rank 0, so every strategy
+resumes every checkpoint and `lmtk generate` needs no torch.distributed."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    strategy: str = "ddp"  # ddp | fsdp (launcher.strategy)
 
     @property
     def main(self) -> bool:
@@ -26,6 +32,10 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+    @property
+    def fsdp(self) -> bool:
+        return self.enabled and self.strategy == "fsdp"
 
     def barrier(self) -> None:
         if self.enabled:
@@ -45,20 +55,83 @@ class Dist:
         return t
 
 
-def init(device_kind: str) -> Dist:
-    """Join the process group when launched by torchrun; a no-op otherwise."""
+def init(device_kind: str, strategy: str = "ddp") -> Dist:
+    """Join the process group when launched by torchrun; a no-op otherwise (one process
+    trains unsharded whatever the strategy)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(strategy=strategy)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not tdist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(local)
         tdist.init_process_group(backend)
-    return Dist(rank, world, local)
+    return Dist(rank, world, local, strategy)
 
 
 def shutdown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+# ---- FSDP2 ----------------------------------------------------------------------------------
+
+_FULL = dict(full_state_dict=True, cpu_offload=True)
+
+
+def shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """fully_shard each block, then the root (embeddings, final norm and the tied head: one
+    shared parameter, so it stays tied). fully_shard moves each rank's shard to `device`, so
+    the whole model never has to be on one GPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # Objectives call hidden() and logits(), never forward(): hidden() must run the root's
+    # all-gather hooks. The root keeps its parameters unsharded after forward, so logits()
+    # (the tied head) runs on the gathered weight too.
+    register_fsdp_forward_method(model, "hidden")
+
+
+def _param_names(model: torch.nn.Module, opt) -> list[list[str]]:
+    """For the optimizer's i-th parameter (state_dict order), every name the model gives it
+    (a tied parameter has several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def full_state(model: torch.nn.Module, opt) -> tuple[dict, dict]:
+    """(full weights, optimizer state in opt.state_dict()'s index-keyed layout), on rank 0;
+    empty on the others. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(**_FULL)
+    weights = get_model_state_dict(model, options=opts)
+    by_name = get_optimizer_state_dict(model, opt, options=opts)
+    if not by_name:  # not rank 0
+        return weights, by_name
+    names = _param_names(model, opt)
+    # by_name keys one of each parameter's names; map them back to the optimizer's indices.
+    index = {n: i for i, ns in enumerate(names) for n in ns}
+    state = {index[n]: s for n, s in by_name["state"].items()}
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in by_name["param_groups"]]
+    return weights, {"state": state, "param_groups": groups}
+
+
+def load_optimizer(model: torch.nn.Module, opt, saved: dict) -> None:
+    """Load an index-keyed (single-process layout) optimizer state into a sharded optimizer;
+    every rank passes the full state and keeps its own shard. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model, opt)
+    by_name = {
+        "state": {names[int(i)][0]: s for i, s in saved["state"].items()},
+        "param_groups": [dict(g, params=[names[int(i)][0] for i in g["params"]]) for g in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True))

@@ -227,17 +227,16 @@ class RunDir:
         ckpts = self.checkpoints()
         return ckpts[-1] if ckpts else None
 
-    def save_checkpoint(self, tag: str, model, state: dict, meta: dict, keep: int | None = None) -> Path:
-        """Write checkpoints/<tag>/ atomically; rotate step checkpoints down to `keep`."""
-        from safetensors.torch import save_model
-
+    def save_checkpoint(self, tag: str, model, state: dict, meta: dict, keep: int | None = None, weights: dict | None = None) -> Path:
+        """Write checkpoints/<tag>/ atomically; rotate step checkpoints down to `keep`.
+        `weights`: the full state dict when the model itself is sharded (FSDP)."""
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         final = self.ckpt_dir / tag
         tmp = self.ckpt_dir / f".tmp-{tag}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            save_model(model, str(tmp / "model.safetensors"))
+            save_weights(model, tmp / "model.safetensors", weights)
             torch.save(state, tmp / "state.pt")
             for f in ("model.safetensors", "state.pt"):
                 with open(tmp / f, "rb") as fh:
@@ -261,6 +260,28 @@ class RunDir:
             for old in self.checkpoints()[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def save_weights(model, path: Path, weights: dict | None = None) -> None:
+    """model.safetensors from the model, or from a gathered full state dict of it (FSDP).
+    Gathered tensors are copies, so tied names no longer share storage for safetensors to
+    detect: drop them by the model's own ties, keeping the name save_model keeps (the first
+    in sorted order), so the file is the same whichever strategy wrote it."""
+    from safetensors.torch import save_file, save_model
+
+    if weights is None:
+        save_model(model, str(path))
+        return
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    weights, dropped = dict(weights), {}
+    for tied in names.values():
+        keep, *rest = sorted(tied)
+        for name in rest:
+            weights.pop(name, None)
+            dropped[name] = keep
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata=dropped or None)
 
 
 def _alive(pid: int) -> bool:

@@ -136,6 +136,7 @@ class ValCfg:
 @dataclass
 class LauncherCfg:
     nproc: int = 1  # >1: re-launch under torchrun with this many data-parallel processes
+    strategy: str = "ddp"  # ddp (replicated model) | fsdp (FSDP2: parameters, gradients, optimizer state sharded)
 
 
 @dataclass
@@ -182,4 +183,5 @@ CHOICES = {
     "optim.name": ("adamw",),
     "schedule.name": ("triangle", "cosine", "constant"),
     "logger.name": ("console", "wandb"),
+    "launcher.strategy": ("ddp", "fsdp"),
 }

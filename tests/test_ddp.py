@@ -1,4 +1,6 @@
-"""Data parallelism: 2 gloo processes under torchrun == 1 process with the same global batch."""
+"""Data parallelism: 2 gloo processes under torchrun (DDP or FSDP2) == 1 process with the same
+global batch. Micro-batches of 2 in a batch of 8: each rank accumulates 2, so the skipped
+gradient sync on non-final micro-batches is exercised too."""
 
 from __future__ import annotations
 
@@ -8,18 +10,24 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ARGS = [
     "budget.hours=null", "budget.steps=6", "data.max_chars=300000", "tokenizer.vocab_size=512",
     "model.n_layers=2", "model.d_model=32", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8",
-    "train.micro_batch_size=4", "logger.every=1", "val.tokens=2048", "objective=mlm", "checkpoint.every=3",
+    "train.micro_batch_size=2", "logger.every=1", "val.tokens=2048", "objective=mlm", "checkpoint.every=3",
 ]
 
 
 def _losses(run):
     return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def _close(a, b, tol=1e-5):
+    return len(a) == len(b) and all(abs(x - y) < tol for x, y in zip(a, b))
 
 
 def _free_port() -> int:
@@ -28,24 +36,138 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    env = dict(os.environ, LMTK_RUNS=str(tmp_path / "runs"), LMTK_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(runs root, env) with the single-process reference run 'single' already trained."""
+    base = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, LMTK_RUNS=str(base / "runs"), LMTK_CACHE=str(base / "cache"), OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, "-m", "lmtk", "train", *ARGS, "run.name=single"], env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run(
+    return base / "runs", env
+
+
+def _torchrun(env, *args):
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", "-m", "lmtk", "train", *ARGS, "run.name=ddp"],
+         f"--master_port={_free_port()}", "-m", "lmtk", "train", *ARGS, *args],
         env=env, capture_output=True, text=True, timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(world):
+    runs, env = world
+    p = _torchrun(env, "launcher.strategy=fsdp", "run.name=fsdp")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return runs / "fsdp"
+
+
+def test_two_gloo_ranks_equal_one_process(world):
+    runs, env = world
+    ddp = _torchrun(env, "run.name=ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    runs = tmp_path / "runs"
     a, b = _losses(runs / "single"), _losses(runs / "ddp")
-    assert len(a) == len(b) == 6
-    assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)), (a, b)
+    assert len(a) == 6 and _close(a, b), (a, b)
     wa, wb = load_file(runs / "single/checkpoints/final/model.safetensors"), load_file(runs / "ddp/checkpoints/final/model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-    # rank 0 alone wrote the run: one run directory, one writer's metrics
-    assert sorted(p.name for p in runs.iterdir()) == ["ddp", "single"]
+    # rank 0 alone wrote the run: one writer's metrics, nothing but the named runs
+    assert {"ddp", "single"} <= {p.name for p in runs.iterdir()}
     info = json.loads((runs / "ddp" / "run.json").read_text())
     assert info["status"] == "done" and "x 2 ranks" in info["device"]
     assert sorted(p.name for p in (runs / "ddp" / "checkpoints").iterdir()) == ["final", "step-000003"]
+
+
+def test_fsdp_two_ranks_equal_one_process(world, fsdp_run):
+    runs, _ = world
+    a, b = _losses(runs / "single"), _losses(fsdp_run)
+    assert len(a) == 6 and _close(a, b), (a, b)
+    info = json.loads((fsdp_run / "run.json").read_text())
+    assert info["status"] == "done" and "x 2 ranks, fsdp" in info["device"]
+    assert sorted(p.name for p in (fsdp_run / "checkpoints").iterdir()) == ["final", "step-000003"]
+    # the checkpoint is the single-process one: full weights, the tied head stored once,
+    # and the optimizer state in opt.state_dict()'s index-keyed layout
+    fa, fb = runs / "single/checkpoints/final", fsdp_run / "checkpoints/final"
+    wa, wb = load_file(fa / "model.safetensors"), load_file(fb / "model.safetensors")
+    assert sorted(wa) == sorted(wb) and "head.weight" not in wb
+    assert all(wa[k].shape == wb[k].shape and torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    with safe_open(fa / "model.safetensors", "pt") as x, safe_open(fb / "model.safetensors", "pt") as y:
+        assert x.metadata() == y.metadata()
+    oa = torch.load(fa / "state.pt", weights_only=True)["optimizer"]
+    ob = torch.load(fb / "state.pt", weights_only=True)["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"] and sorted(oa["state"]) == sorted(ob["state"])
+    assert all(torch.allclose(oa["state"][i][k], ob["state"][i][k], atol=1e-5) for i in oa["state"] for k in oa["state"][i])
+    # and it loads in one process without torch.distributed
+    from lmtk.runs import load_pretrained
+
+    model, _, meta = load_pretrained(fsdp_run)
+    assert meta["step"] == 6 and model.head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight.detach(), wb["embed.weight"])
+    # a single process resumes the FSDP run's step-3 checkpoint exactly
+    p = subprocess.run([sys.executable, "-m", "lmtk", "train", *ARGS, f"resume={fsdp_run}/checkpoints/step-000003",
+                        "run.name=fsdp-then-single"], env=world[1], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _close(_losses(runs / "fsdp-then-single"), a[3:]), (_losses(runs / "fsdp-then-single"), a)  # a new run logs steps 4-6
+
+
+def test_fsdp_resume(world, fsdp_run):
+    """Two FSDP ranks resume their own step-3 checkpoint (sharding the saved optimizer state
+    again) and replay steps 4-6 of the uninterrupted run."""
+    runs, env = world
+    p = _torchrun(env, "launcher.strategy=fsdp", f"resume={fsdp_run}/checkpoints/step-000003", "run.name=fsdp-resumed")
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed, whole = _losses(runs / "fsdp-resumed"), _losses(fsdp_run)
+    assert _close(resumed, whole[3:]), (resumed, whole)  # a new run: it logs steps 4-6 only
+    wa, wb = load_file(fsdp_run / "checkpoints/final/model.safetensors"), load_file(runs / "fsdp-resumed/checkpoints/final/model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+# Rank 1 alone gets a NaN loss on both micro-batches of step 2: the ranks must still agree to skip it.
+_POISON = """
+import os, sys
+from lmtk.cli import main
+from lmtk.objectives import MLM
+real, calls = MLM.loss, [0]
+def loss(self, *a, **k):
+    out, m = real(self, *a, **k)
+    calls[0] += 1
+    bad = os.environ["RANK"] == "1" and (calls[0] - 1) // 2 == 1
+    return (out * float("nan") if bad else out), m
+MLM.loss = loss
+sys.argv = ["lmtk", *sys.argv[1:]]
+main()
+"""
+
+
+def test_fsdp_skips_a_non_finite_step_on_every_rank(world, fsdp_run):
+    runs, env = world
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", "--no-python", sys.executable, "-c", _POISON, "train", *ARGS,
+         "launcher.strategy=fsdp", "run.name=fsdp-nan"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads((runs / "fsdp-nan" / "run.json").read_text())
+    assert info["status"] == "done" and info["summary"]["skipped_steps"] == 1
+    assert _losses(runs / "fsdp-nan")[0] == _losses(fsdp_run)[0]
+    assert all(torch.isfinite(t).all() for t in load_file(runs / "fsdp-nan/checkpoints/final/model.safetensors").values())
+    # the skipped step did not reach AdamW: 3 steps, 2 updates
+    state = torch.load(runs / "fsdp-nan/checkpoints/step-000003/state.pt", weights_only=True)["optimizer"]
+    assert all(float(s["step"]) == 2 for s in state["state"].values())
+
+
+def test_bad_strategy_is_one_line_error(world):
+    _, env = world
+    p = subprocess.run([sys.executable, "-m", "lmtk", "train", "launcher.strategy=zero3"], env=env, capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == ["error: launcher.strategy=zero3 is not one of: ddp, fsdp"], p.stderr
+
+
+def test_fsdp_refuses_fp16(world):
+    """fp16's GradScaler would look for non-finite gradients shard by shard; refused before any work."""
+    runs, env = world
+    p = _torchrun(env, "launcher.strategy=fsdp", "precision=fp16", "run.name=fsdp-fp16")
+    assert p.returncode != 0
+    assert "error: precision=fp16 does not work with launcher.strategy=fsdp; use precision=bf16 (or fp32)" in p.stderr
+    assert "/lmtk/" not in p.stderr  # no traceback from lmtk (torchrun prints its own for any failed worker)
+    assert not (runs / "fsdp-fp16").exists()

@@ -9,6 +9,7 @@ position is one integer, so a resumed run replays exactly what an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -90,7 +91,9 @@ def _set_rng_state(state: dict) -> None:
 def evaluate(job: Job, model=None) -> dict:
     """val/<objective>_loss and _bpb on a fixed number of validation tokens, fixed masking seed."""
     model = model or job.model
-    if job.val_data is None or (job.dist is not None and not job.dist.main):
+    # Rank 0 validates alone, except under FSDP: there every forward is a collective (the
+    # all-gathers), so all ranks run the same batches and get the same numbers.
+    if job.val_data is None or (job.dist is not None and not job.dist.main and not job.dist.fsdp):
         return {}
     was_training = model.training
     model.eval()
@@ -192,10 +195,11 @@ class _Guard:
 class _StepModel:
     """What objectives see during training: hidden() and logits() of the model, with the
     hidden pass routed through DDP's forward when data-parallel (so its reducer is armed),
-    and sync(False) skipping the gradient all-reduce on all but the last micro-batch."""
+    and sync(False) skipping the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all
+    but the last micro-batch. A sharded (FSDP) model's hidden() runs its hooks itself."""
 
-    def __init__(self, model, ddp=None):
-        self.model, self.ddp = model, ddp
+    def __init__(self, model, ddp=None, fsdp: bool = False):
+        self.model, self.ddp, self.fsdp = model, ddp, fsdp
 
     def hidden(self, idx, causal: bool = True):
         if self.ddp is None:
@@ -206,9 +210,19 @@ class _StepModel:
         return self.model.logits(h)
 
     def sync(self, last: bool):
-        import contextlib
-
+        if self.fsdp and not last:
+            return self._fsdp_no_sync()
         return contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+
+    @contextlib.contextmanager
+    def _fsdp_no_sync(self):
+        # Gradients accumulate unsharded until the last micro-batch: one reduce-scatter per step
+        # instead of one per micro-batch, at the cost of full-size gradients in between.
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
 
 def fit(job: Job) -> dict:
@@ -217,7 +231,16 @@ def fit(job: Job) -> dict:
     cfg, model, run, sinks, device = job.cfg, job.model, job.run, job.sinks, job.device
     dist = job.dist or Dist()
     tc = cfg.train
-    model.to(device)
+    if job.resume_from is not None:
+        from lmtk.runs import load_weights
+
+        load_weights(model, job.resume_from)  # into the whole model, before FSDP shards it
+    if dist.fsdp:
+        from lmtk.dist import shard
+
+        shard(model, device, dist.world)  # also moves each rank's shard to the device
+    else:
+        model.to(device)
     model.train()
     model.activation_checkpointing = tc.activation_checkpointing
     opt = build_optimizer(model, cfg.optim, tc.lr, device)
@@ -231,8 +254,8 @@ def fit(job: Job) -> dict:
         for block in model.blocks:
             block.compile()
         sinks.console.message(f"torch.compile: blocks compiled lazily (set up in {time.perf_counter() - t0:.1f}s)")
-    step_model = _StepModel(model)
-    if dist.enabled:
+    step_model = _StepModel(model, fsdp=dist.fsdp)
+    if dist.enabled and not dist.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         step_model = _StepModel(model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None))
@@ -292,6 +315,8 @@ def fit(job: Job) -> dict:
             if scaler:
                 scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            if dist.fsdp:  # a DTensor: the norm over all shards, the same on every rank
+                gnorm = gnorm.full_tensor()
             if dist.enabled:  # every rank must agree on skipping, stopping and the clock
                 dist.all_reduce_(step_loss)
                 flags = torch.tensor([float(sig.signum or 0), time.perf_counter() - t_resume], device=device)
@@ -389,17 +414,22 @@ def fit(job: Job) -> dict:
 
 def save(job: Job, tag: str, opt, scaler, state: TrainState, rotate: bool = True) -> os.PathLike | None:
     """Rank 0 writes the checkpoint; the other ranks wait for it."""
+    weights = optim = None
+    if job.dist is not None and job.dist.fsdp:  # a collective: every rank gathers, rank 0 gets the full state
+        from lmtk.dist import full_state
+
+        weights, optim = full_state(job.model, opt)
     if job.dist is not None and not job.dist.main:
         job.dist.barrier()
         return None
     payload = {
         "train": state.to_dict(),
-        "optimizer": opt.state_dict(),
+        "optimizer": optim if optim is not None else opt.state_dict(),
         "scaler": scaler.state_dict() if scaler else {},
         "rng": _rng_state(),
     }
     meta = {"tag": tag, "step": state.step, "tokens": state.tokens, "model": job.model_meta, "objective": job.objective.name}
-    path = job.run.save_checkpoint(tag, job.model, payload, meta, keep=job.cfg.checkpoint.keep if rotate else None)
+    path = job.run.save_checkpoint(tag, job.model, payload, meta, keep=job.cfg.checkpoint.keep if rotate else None, weights=weights)
     if job.dist is not None:
         job.dist.barrier()
     return path
@@ -419,12 +449,15 @@ def check_resume(ckpt, model_meta: dict) -> int:
 
 
 def _restore(job: Job, opt, scaler) -> TrainState:
-    """Weights, optimizer, scaler, RNG and progress from a checkpoint already checked by check_resume."""
-    from lmtk.runs import load_weights
-
-    load_weights(job.model, job.resume_from)
+    """Optimizer, scaler, RNG and progress from a checkpoint already checked by check_resume
+    (fit loaded the weights, before sharding)."""
     payload = _load_state(job.resume_from)
-    opt.load_state_dict(payload["optimizer"])
+    if job.dist is not None and job.dist.fsdp:
+        from lmtk.dist import load_optimizer
+
+        load_optimizer(job.model, opt, payload["optimizer"])
+    else:
+        opt.load_state_dict(payload["optimizer"])
     if scaler and payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])
     _set_rng_state(payload["rng"])

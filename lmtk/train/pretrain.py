@@ -58,10 +58,13 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
     from lmtk import dist as distributed
 
     dev, dtype = devices.resolve(cfg.device, cfg.precision)
-    dist = distributed.init(dev.type)
+    dist = distributed.init(dev.type, cfg.launcher.strategy)
     try:
         if dist.enabled and dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
+        if dist.fsdp and dtype == torch.float16:
+            # The GradScaler would find non-finite gradients per shard, so ranks could disagree on skipping a step.
+            raise UserError("precision=fp16 does not work with launcher.strategy=fsdp; use precision=bf16 (or fp32)")
         if cfg.train.batch_size % (cfg.train.micro_batch_size * dist.world):
             raise UserError(
                 f"train.batch_size={cfg.train.batch_size} is not a multiple of train.micro_batch_size x ranks "
@@ -99,7 +102,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
             write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
             copy_tokenizer(tok, rundir.file("tokenizer.json"))
             write_atomic(rundir.file("model.json"), json.dumps(mcfg.to_dict(), indent=2))
-        rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype, dist.world), resumed=ckpt is not None)
+        rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype, dist.world, dist.strategy), resumed=ckpt is not None)
         summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist)
         rundir.finish("done", summary=summary)
         return summary
@@ -122,9 +125,9 @@ def _check_tokenizer(run_path, tok) -> None:
             raise UserError(f"run '{run_path.name}' was trained with a different tokenizer; resume with its data and tokenizer settings")
 
 
-def _describe(dev: torch.device, dtype: torch.dtype, world: int = 1) -> str:
+def _describe(dev: torch.device, dtype: torch.dtype, world: int = 1, strategy: str = "ddp") -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    ranks = f" x {world} ranks" if world > 1 else ""
+    ranks = f" x {world} ranks, {strategy}" if world > 1 else ""
     return f"{name}{ranks} ({str(dtype).replace('torch.', '')})"
 
 
@@ -141,7 +144,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
         sinks.console.message(
             f"[bold]{cfg.run.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params | {objective.name} | "
             f"{cache.meta['train_tokens']:,} train tokens | budget {_budget(cfg)} | "
-            f"{_describe(dev, dtype, dist.world)} | {rundir.path}"
+            f"{_describe(dev, dtype, dist.world, dist.strategy)} | {rundir.path}"
         )
     job = Job(
         cfg=cfg, model=model, objective=objective, train_data=train_data, val_data=val_data,
