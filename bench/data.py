@@ -1,28 +1,26 @@
 #!/usr/bin/env python
 """Data-pipeline throughput of lmtk: tokenise + pack MB/s, and the data loader's share of a step.
 
-1. Train a byte-level BPE tokenizer with lmtk.data.tokenizer.train_tokenizer (an OmegaConf
-   config: the default recipe's tokenizer settings, trained on --train-mb of the embedded
-   corpus), then time lmtk.data.packing.tokenize_to_file over --mb of embedded-corpus
-   documents (read into memory first: the figure is tokenise + pack + write, not disk reads).
-   Rounds alternate with a breakdown of where the time goes: tokenizer.encode_batch alone,
-   `tokenizers`' encode_batch_fast alone (no offsets; lmtk does not use it), and the packing
-   step alone (lmtk's np.fromiter over Python ints vs a np.concatenate alternative), each over
-   the same 512-document batches. Target: tokenize_to_file >= 5 MB/s (wall clock). "MB per CPU-s"
-   divides by the CPU time this process got (all threads), a figure less swayed by other load.
+1. Train a byte-level BPE tokenizer with lmtk.data.tokenizer.train_tokenizer (the default
+   recipe's tokenizer settings, trained on --train-mb of the corpus), then time
+   lmtk.data.packing.tokenize_to_file over --mb of documents (read into memory first: the
+   figure is tokenise + pack + write, not disk reads) with one worker process per core and
+   with one process, alternating with the baseline: `tokenizers`' encode_batch_fast (threaded
+   in Rust) packed and written the same way, which is how lmtk encoded before its word cache
+   (lmtk/data/wordcache.py). The three files must hold identical ids. Each lmtk run starts
+   with a cold word cache. Target: >= 5 MB/s wall clock on 2 cores.
 2. Data-loader share of step time: Batches.get(start, micro_batch) on the packed memmap vs one
    full training step of the default recipe (compose("default"): model, objective and
    optimizer built as `lmtk train` builds them; forward + backward + clip + AdamW, fp32 on
    CPU). The loop calls get() synchronously, so its time adds to every step. Target: < 5%.
 
-    python bench/data.py                  # ~1-2 min on 2 cores
-    python bench/data.py --mb 40 --rounds 5
+    python bench/data.py                  # ~2 min on 2 cores
+    python bench/data.py --text bench/data/english/train.txt   # English (../shared/corpora)
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import os
 import platform
@@ -48,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds, median reported (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="training steps per round for the loader share (default: %(default)s)")
     p.add_argument("--gets", type=int, default=200, help="Batches.get calls per round (default: %(default)s)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file to tokenise instead of the embedded corpus "
+                   "(documents split at blank lines), e.g. bench/data/english/train.txt")
     p.add_argument("--device", default="cpu", help="device of the training step (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -70,48 +70,19 @@ def docs_until(source, limit_chars: int) -> list[str]:
             return out
 
 
-# ---- breakdown helpers (same batching as lmtk.data.packing.tokenize_to_file) -----------------
+# ---- the baseline: `tokenizers` alone, as lmtk encoded before its word cache ------------------
 
 
-def _batches(docs, n):
-    return [docs[i : i + n] for i in range(0, len(docs), n)]
-
-
-def encode_only(tok, docs, bs, fast: bool) -> int:
-    """The tokenizer call of tokenize_to_file alone (ids converted to Python lists, then dropped)."""
-    enc = tok.tk.encode_batch_fast if fast else tok.tk.encode_batch
-    n = 0
-    for b in _batches(docs, bs):
-        n += sum(len(e.ids) for e in enc(b, add_special_tokens=False))
-    return n
-
-
-def collect_ids(tok, docs, bs, fast: bool) -> list[list[list[int]]]:
-    """All ids, kept (untimed, GC paused: keeping millions of lists alive makes the collector crawl)."""
-    enc = tok.tk.encode_batch_fast if fast else tok.tk.encode_batch
-    gc.disable()
-    try:
-        return [[e.ids for e in enc(b, add_special_tokens=False)] for b in _batches(docs, bs)]
-    finally:
-        gc.enable()
-
-
-def pack_fromiter(all_ids, eos, dtype) -> int:
-    """lmtk's packing step (tokenize_to_file), without the tokenizer and the file write."""
-    n = 0
-    for ids in all_ids:
-        flat = np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=dtype, count=sum(len(s) + 1 for s in ids))
-        n += len(flat.tobytes())
-    return n
-
-
-def pack_concat(all_ids, eos, dtype) -> int:
-    """Alternative packing: one np.array per document, joined with np.concatenate (no per-token generator)."""
-    n = 0
-    e = np.array([eos], dtype=dtype)
-    for ids in all_ids:
-        flat = np.concatenate([a for seq in ids for a in (np.array(seq, dtype=dtype), e)])
-        n += len(flat.tobytes())
+def tokenizers_to_file(docs, tok, path, dtype) -> int:
+    """encode_batch_fast on 512-document batches (the Rust side runs one thread per core), packed
+    with [SEP] after each document and written: the same work as tokenize_to_file, without lmtk."""
+    eos, n = [tok.eos_id], 0
+    with open(path, "wb") as f:
+        for i in range(0, len(docs), 512):
+            encs = tok.tk.encode_batch_fast(docs[i : i + 512], add_special_tokens=False)
+            flat = np.fromiter(itertools.chain.from_iterable(e.ids + eos for e in encs), dtype=dtype)
+            f.write(flat.tobytes())
+            n += len(flat)
     return n
 
 
@@ -134,7 +105,13 @@ def main(argv=None) -> int:
 
     # ---- corpus ----------------------------------------------------------------------------
     t0 = time.perf_counter()
-    docs = docs_until(source, int(args.mb * 1e6))
+    if args.text:
+        raw = Path(args.text).read_text(encoding="utf-8")[: int(args.mb * 1e6)]
+        docs = [d for d in raw.split("\n\n") if d.strip()]
+        args.corpus_name = Path(args.text).name
+    else:
+        docs = docs_until(source, int(args.mb * 1e6))
+        args.corpus_name = "the embedded corpus"
     t_read = time.perf_counter() - t0
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     print(f"[data] {len(docs):,} documents, {mb:.1f} MB read in {t_read:.1f}s (outside the timers)", flush=True)
@@ -150,60 +127,45 @@ def main(argv=None) -> int:
     dtype = np.uint16 if tok.vocab_size < 65536 else np.uint32
     bs = packing.BATCH_DOCS
 
-    # ---- tokenise + pack, alternating with the breakdown --------------------------------------
-    stage_names = ("tokenize_to_file", "encode_batch", "encode_batch_fast", "pack_fromiter", "pack_concat")
-    times = {k: [] for k in stage_names}
-    cpu = {k: [] for k in stage_names}  # CPU seconds of this process (all threads): load-independent-ish
+    # ---- tokenise + pack, alternating lmtk (all cores / one process) with the baseline -----------
+    workers = packing.encode_workers()
+    stages = {f"lmtk ({workers} processes)": workers, "lmtk (1 process)": 1, "tokenizers encode_batch_fast": 0}
+    times = {k: [] for k in stages}
+    cpu = {k: [] for k in stages}  # CPU seconds of this process alone (workers not counted)
     tmp = tempfile.TemporaryDirectory()
-    path = Path(tmp.name) / "train.bin"
+    paths = {k: Path(tmp.name) / f"{i}.bin" for i, k in enumerate(stages)}
     n_tok = 0
-    # ids for the packing-only rows (untimed); identity check of encode_batch_fast on the way
-    ids = collect_ids(tok, docs, bs, fast=False)
-    ids_fast_same = ids == collect_ids(tok, docs, bs, fast=True)
-    gc.freeze()  # the kept ids would otherwise be rescanned by every full collection during packing
     for r in range(args.rounds):
-        stages = ["tokenize_to_file", "encode_batch", "encode_batch_fast"]
-        for stage in stages if r % 2 == 0 else stages[::-1]:
+        for stage in list(stages) if r % 2 == 0 else list(stages)[::-1]:
+            tok._words = None  # a cold word cache every time: one pass over a corpus is the real use
             t0, c0 = time.perf_counter(), time.process_time()
-            if stage == "tokenize_to_file":
-                n_tok, _ = tokenize_to_file(docs, tok, path, dtype)
+            if stages[stage]:
+                n_tok, _ = tokenize_to_file(docs, tok, paths[stage], dtype, workers=stages[stage])
             else:
-                encode_only(tok, docs, bs, fast=stage == "encode_batch_fast")
-            times[stage].append(time.perf_counter() - t0)
-            cpu[stage].append(time.process_time() - c0)
-        for stage in ("pack_fromiter", "pack_concat") if r % 2 == 0 else ("pack_concat", "pack_fromiter"):
-            t0, c0 = time.perf_counter(), time.process_time()
-            (pack_fromiter if stage == "pack_fromiter" else pack_concat)(ids, tok.eos_id, dtype)
+                tokenizers_to_file(docs, tok, paths[stage], dtype)
             times[stage].append(time.perf_counter() - t0)
             cpu[stage].append(time.process_time() - c0)
         print(f"  round {r + 1}/{args.rounds}: " + "  ".join(f"{k} {mb / v[-1]:.2f} MB/s" for k, v in times.items()), flush=True)
-    del ids
-    gc.unfreeze()
+    contents = {k: np.fromfile(p, dtype=dtype) for k, p in paths.items()}
+    base = contents.pop("tokenizers encode_batch_fast")
+    same = all(np.array_equal(c, base) for c in contents.values())
     med = {k: statistics.median(v) for k, v in times.items()}
-    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
     target_mbs = 5.0
-    tf = mb / med["tokenize_to_file"]
-    par = mcpu["tokenize_to_file"] / med["tokenize_to_file"]
-    rows = [
-        ["train BPE tokenizer (train_tokenizer)", f"{args.train_mb:g} MB, vocab {tok.vocab_size}", f"{t_train:.2f}",
-         f"{args.train_mb / t_train:.2f}", "-", "1 run"],
-        ["tokenise + pack + write (tokenize_to_file)", f"{mb:.1f} MB -> {n_tok / 1e6:.2f}M tokens", f"{med['tokenize_to_file']:.2f}",
-         f"{tf:.2f}", f"{mb / mcpu['tokenize_to_file']:.2f}",
-         ("met (>= 5 MB/s)" if tf >= target_mbs else f"missed: {tf:.2f} vs 5 MB/s ({100 * (tf / target_mbs - 1):+.0f}%)")
-         + f"; got {par:.2f} of {os.cpu_count()} cores"],
-        ["  of which: encode_batch (as lmtk calls it)", f"{mb:.1f} MB", f"{med['encode_batch']:.2f}", f"{mb / med['encode_batch']:.2f}",
-         f"{mb / mcpu['encode_batch']:.2f}", f"{100 * med['encode_batch'] / med['tokenize_to_file']:.0f}% of tokenize_to_file"],
-        ["  of which: packing (lmtk's np.fromiter)", f"{n_tok / 1e6:.2f}M tokens", f"{med['pack_fromiter']:.2f}",
-         f"{mb / med['pack_fromiter']:.1f}", f"{mb / mcpu['pack_fromiter']:.1f}",
-         f"{100 * med['pack_fromiter'] / med['tokenize_to_file']:.0f}% of tokenize_to_file"],
-        ["  alternative: encode_batch_fast (no offsets)", f"{mb:.1f} MB", f"{med['encode_batch_fast']:.2f}",
-         f"{mb / med['encode_batch_fast']:.2f}", f"{mb / mcpu['encode_batch_fast']:.2f}",
-         f"{med['encode_batch'] / med['encode_batch_fast']:.2f}x encode_batch, " + ("identical ids" if ids_fast_same else "ids DIFFER")],
-        ["  alternative: packing with np.concatenate", f"{n_tok / 1e6:.2f}M tokens", f"{med['pack_concat']:.2f}",
-         f"{mb / med['pack_concat']:.1f}", f"{mb / mcpu['pack_concat']:.1f}", f"{med['pack_fromiter'] / med['pack_concat']:.2f}x lmtk's packing"],
-    ]
-    out = [f"tokenise + pack ({mb:.1f} MB of the embedded corpus, {len(docs):,} documents, {os.cpu_count()} cores; "
-           f"median of {args.rounds} alternating rounds)\n" + table(["stage", "amount", "seconds", "MB/s", "MB per CPU-s", "note"], rows)]
+    lmtk_key = next(iter(stages))
+    tf = mb / med[lmtk_key]
+    rows = [["train BPE tokenizer (train_tokenizer)", f"{args.train_mb:g} MB, vocab {tok.vocab_size}", f"{t_train:.2f}",
+             f"{args.train_mb / t_train:.2f}", "-", "1 run"]]
+    base_t = med["tokenizers encode_batch_fast"]
+    for k in stages:
+        note = f"{base_t / med[k]:.2f}x tokenizers" if stages[k] else "baseline (lmtk before the word cache)"
+        if k == lmtk_key:
+            note += "; " + ("met (>= 5 MB/s)" if tf >= target_mbs else f"missed: {tf:.2f} vs 5 MB/s ({100 * (tf / target_mbs - 1):+.0f}%)")
+        rows.append([f"tokenise + pack + write: {k}", f"{mb:.1f} MB -> {n_tok / 1e6:.2f}M tokens", f"{med[k]:.2f}",
+                     f"{mb / med[k]:.2f}", f"{statistics.median(cpu[k]):.2f}", note])
+    out = [f"tokenise + pack ({mb:.1f} MB of {args.corpus_name}, {len(docs):,} documents, {os.cpu_count()} cores; "
+           f"median of {args.rounds} alternating rounds; ids " + ("identical in all three" if same else "DIFFER") + ")\n"
+           + table(["stage", "amount", "seconds", "MB/s", "CPU-s (this process)", "note"], rows)]
+    path = paths[lmtk_key]
 
     # ---- data-loader share of a training step ---------------------------------------------------
     from lmtk.models import build_model, model_config

@@ -9,7 +9,7 @@
 Each step is what `lmtk train` does per optimizer step with one micro-batch: forward +
 backward under bf16 autocast, grad-norm clip, the on-device finiteness check (found_inf), fused AdamW step.
 The model, objective and optimizer come from lmtk (lmtk.models, lmtk.objectives,
-lmtk.train.optim). --compile compiles each block as train.compile=true does (block.compile())
+lmtk.train.optim). --compile compiles each block as train.compile=true does (model.compile_blocks())
 and reports the compile time (first steps minus steady-state steps).
 
     MFU = model.flops_per_token(seq) x tok/s / peak        (peak: --peak-tflops, default 989 = H100 bf16 dense)
@@ -116,8 +116,7 @@ def bench_model(name: str, args, device: torch.device) -> list[str]:
     compile_setup = 0.0
     if args.compile:
         t0 = time.perf_counter()
-        for block in model.blocks:  # as lmtk.train.loop.fit does for train.compile=true
-            block.compile()
+        model.compile_blocks()  # as lmtk.train.loop.fit does for train.compile=true
         compile_setup = time.perf_counter() - t0
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(device.type, enabled=False)
     gen_data = torch.Generator().manual_seed(0)

@@ -1,7 +1,8 @@
 """LanguageModel: embeddings -> stack of Blocks -> final norm -> tied LM head.
 
 `hidden(idx, causal)` returns the final hidden states and `logits(h)` applies the head,
-so objectives can run the head on a subset of positions (sparse MLM prediction)."""
+so objectives can run the head on a subset of positions (sparse MLM prediction);
+`head_loss(h, targets)` is the head + mean cross-entropy fused, for training."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from lmtk.models.fused_ce import linear_cross_entropy
 from lmtk.models.layers import MLP, default_d_ff, make_norm, sinusoidal_table
 from lmtk.models.mixers import build_mixer
 
@@ -121,9 +123,23 @@ class LanguageModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)
 
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of logits(h) against `targets` (positions whose target is
+        `ignore_index` excluded), computed in chunks of rows so that neither the [N, vocab]
+        logits nor their gradient is ever materialised (models/fused_ce.py)."""
+        return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index)
+
     def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True) -> torch.Tensor:
         h = self.hidden(idx, causal)
         return self.logits(h) if head else h
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block (lazily, at its first call). Blocks share one graph per input
+        shape and attention mode; static shapes, because each training shape is fixed (packed
+        windows, a fixed count of masked tokens) and the odd evaluation shape gets its own graph
+        rather than turning the training graph into a slower dynamic one."""
+        for block in self.blocks:
+            block.compile(dynamic=False)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -193,7 +193,7 @@ class _Guard:
 
 
 class _StepModel:
-    """What objectives see during training: hidden() and logits() of the model, with the
+    """What objectives see during training: hidden(), logits() and head_loss() of the model, with the
     hidden pass routed through DDP's forward when data-parallel (so its reducer is armed),
     and sync(False) skipping the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all
     but the last micro-batch. A sharded (FSDP) model's hidden() runs its hooks itself."""
@@ -208,6 +208,9 @@ class _StepModel:
 
     def logits(self, h):
         return self.model.logits(h)
+
+    def head_loss(self, h, targets):
+        return self.model.head_loss(h, targets)
 
     def sync(self, last: bool):
         if self.fsdp and not last:
@@ -251,8 +254,7 @@ def fit(job: Job) -> dict:
         sinks.console.message(f"resumed from {job.resume_from} at step {state.step}")
     if tc.compile:
         t0 = time.perf_counter()
-        for block in model.blocks:
-            block.compile()
+        model.compile_blocks()
         sinks.console.message(f"torch.compile: blocks compiled lazily (set up in {time.perf_counter() - t0:.1f}s)")
     step_model = _StepModel(model, fsdp=dist.fsdp)
     if dist.enabled and not dist.fsdp:
