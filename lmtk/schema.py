@@ -49,6 +49,7 @@ class ObjectiveCfg:
     phases: List[str] = field(default_factory=list)  # antlm: ["clm:4", "mlm:16", "clm:4"]
     causal_weight: int = 1  # gpt-bert: causal:masked micro-batch ratio
     masked_weight: int = 15
+    fused_head: bool = True  # training loss by the chunked head + cross-entropy (no [N, vocab] logits); false: plain head
 
 
 @dataclass

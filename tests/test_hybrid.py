@@ -46,6 +46,9 @@ class Recorder(torch.nn.Module):
     def logits(self, h):
         return self.model.logits(h)
 
+    def head_loss(self, h, targets):
+        return self.model.head_loss(h, targets)
+
 
 def test_antlm_phase_boundaries_fall_on_the_schedule():
     obj = objective("antlm")  # phases clm:4, mlm:16, clm:4 over 24 steps

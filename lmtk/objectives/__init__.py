@@ -1,7 +1,10 @@
 """Objectives: the only thing that differs between CLM, MLM and hybrid training.
 
-An objective maps (model, batch of token windows, RNG) to per-target negative
-log-likelihoods; `loss` is their mean. The loop never looks inside."""
+An objective maps (model, batch of token windows, RNG) to the hidden states at the positions
+it predicts and their targets (`predict`); `nll` runs the head on them (per-target negative
+log-likelihoods, for validation), `loss` is their mean, computed in training by the fused
+head + cross-entropy (model.head_loss) that never materialises the logits. The loop never
+looks inside."""
 
 from __future__ import annotations
 
@@ -27,10 +30,18 @@ class Objective(abc.ABC):
         self.vocab = tok.vocab_size
         self.mask_id = tok.mask_id
         self.n_special = len(tok.special_ids)
+        # training loss through model.head_loss (fused, chunked head + cross-entropy) unless
+        # objective.fused_head=false; validation always runs the plain head (it needs per-target nll)
+        self.fused_head = bool(getattr(cfg, "fused_head", True))
 
     @abc.abstractmethod
+    def predict(self, model, batch: torch.Tensor, gen: torch.Generator):
+        """(final hidden states [..., d] at the predicted positions, their target ids [...])."""
+
     def nll(self, model, batch: torch.Tensor, gen: torch.Generator):
         """(nll [N] in nats, target ids [N]) for the N predicted positions of the batch."""
+        h, targets = self.predict(model, batch, gen)
+        return _nll(model.logits(h), targets), targets.reshape(-1)
 
     def val_objectives(self) -> dict:
         """The causal and the masked reading of this model, reported at every validation."""
@@ -40,9 +51,14 @@ class Objective(abc.ABC):
         """(mean loss, metrics). `frac` is the budget fraction used so far, for objectives
         that change over training (phase schedules, mask-rate decay); metrics may carry
         non-tensor values such as the phase name, which the loop logs as they are."""
-        nll, targets = self.nll(model, batch, gen)
-        loss = nll.mean()
-        return loss, {}
+        return self.mean_loss(model, *self.predict(model, batch, gen)), {}
+
+    def mean_loss(self, model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head on `h`: the mean of nll(), without materialising the
+        logits when gradients are wanted (model.head_loss)."""
+        if self.fused_head and torch.is_grad_enabled():
+            return model.head_loss(h, targets)
+        return _nll(model.logits(h), targets).mean()
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,9 +70,8 @@ class CLM(Objective):
 
     name = "clm"
 
-    def nll(self, model, batch, gen):
-        h = model.hidden(batch, causal=True)
-        return _nll(model.logits(h[:, :-1]), batch[:, 1:]), batch[:, 1:].reshape(-1)
+    def predict(self, model, batch, gen):
+        return model.hidden(batch, causal=True)[:, :-1], batch[:, 1:]
 
 
 class MLM(Objective):
@@ -88,12 +103,10 @@ class MLM(Objective):
             x[rows, pos[:, n_mask : n_mask + n_rand]] = rand
         return x, pos
 
-    def nll(self, model, batch, gen):
+    def predict(self, model, batch, gen):
         x, pos = self.corrupt(batch, gen)
         h = model.hidden(x, causal=False)
-        h = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-        targets = batch.gather(1, pos)
-        return _nll(model.logits(h), targets), targets.reshape(-1)
+        return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])), batch.gather(1, pos)
 
 
 def build_objective(cfg, tok) -> Objective:

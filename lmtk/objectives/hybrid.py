@@ -52,13 +52,15 @@ class AntLM(Objective):
                 return i, name
         return len(self.phases) - 1, self.phases[-1][1]
 
+    def predict(self, model, batch, gen, frac: float = 0.0):
+        return self.parts[self.phase(frac)[1]].predict(model, batch, gen)
+
     def nll(self, model, batch, gen, frac: float = 0.0):
         return self.parts[self.phase(frac)[1]].nll(model, batch, gen)
 
     def loss(self, model, batch, gen, frac: float = 0.0):
         i, name = self.phase(frac)
-        nll, _ = self.parts[name].nll(model, batch, gen)
-        return nll.mean(), {"phase": f"{i}:{name}"}
+        return self.mean_loss(model, *self.parts[name].predict(model, batch, gen)), {"phase": f"{i}:{name}"}
 
 
 class MaskedNextToken(MLM):
@@ -68,11 +70,13 @@ class MaskedNextToken(MLM):
     name = "mntp"
     masked_shift = 1
 
-    def nll(self, model, batch, gen, rate: float | None = None):
+    def predict(self, model, batch, gen, rate: float | None = None):
         x, pos = self.corrupt(batch, gen, rate=rate, first=1)
         h = model.hidden(x, causal=False)
-        h = h.gather(1, (pos - 1)[..., None].expand(-1, -1, h.shape[-1]))
-        targets = batch.gather(1, pos)
+        return h.gather(1, (pos - 1)[..., None].expand(-1, -1, h.shape[-1])), batch.gather(1, pos)
+
+    def nll(self, model, batch, gen, rate: float | None = None):
+        h, targets = self.predict(model, batch, gen, rate=rate)
         return _nll(model.logits(h), targets), targets.reshape(-1)
 
 
@@ -95,18 +99,22 @@ class GPTBERT(Objective):
     def pick_causal(self, gen: torch.Generator, device) -> bool:
         return bool(torch.rand((), generator=gen, device=device) < self.p_causal)
 
-    def nll(self, model, batch, gen, frac: float = 0.0):
+    def predict(self, model, batch, gen, frac: float = 0.0):
         if self.pick_causal(gen, batch.device):
-            return self.causal.nll(model, batch, gen)
-        return self.masked.nll(model, batch, gen, rate=self.mask_rate(frac))
+            return self.causal.predict(model, batch, gen)
+        return self.masked.predict(model, batch, gen, rate=self.mask_rate(frac))
+
+    def nll(self, model, batch, gen, frac: float = 0.0):
+        h, targets = self.predict(model, batch, gen, frac)
+        return _nll(model.logits(h), targets), targets.reshape(-1)
 
     def loss(self, model, batch, gen, frac: float = 0.0):
         causal = self.pick_causal(gen, batch.device)
         if causal:
-            nll, _ = self.causal.nll(model, batch, gen)
+            h, targets = self.causal.predict(model, batch, gen)
         else:
-            nll, _ = self.masked.nll(model, batch, gen, rate=self.mask_rate(frac))
-        return nll.mean(), {"phase": "causal" if causal else "masked", "mask_rate": self.mask_rate(frac)}
+            h, targets = self.masked.predict(model, batch, gen, rate=self.mask_rate(frac))
+        return self.mean_loss(model, h, targets), {"phase": "causal" if causal else "masked", "mask_rate": self.mask_rate(frac)}
 
     def val_objectives(self) -> dict:
         return {"clm": self.causal, "mlm": MaskedNextToken(self.cfg, self._tok, rate=VAL_MASK_RATE)}
