@@ -5,17 +5,20 @@
 (to float rounding) with the same gradients w.r.t. `h`, `weight` and `bias`. The gradients are
 computed in the forward pass, chunk by chunk, while each chunk's logits are at hand:
 
-    logits_c = h_c @ W^T (+ b)              [R, V], one reused buffer
-    logp_c   = log_softmax(logits_c)        loss_c = -sum(logp_c[targets_c]) over valid rows
-    g_c      = exp(logp_c) - onehot         (softmax - onehot; ignored rows zeroed)
+    logits_c = h_c @ W^T (+ b)        [R, V], one buffer reused by every chunk
+    p_c      = softmax(logits_c)      in place; loss_c = -sum(log p_c[target]) over valid rows (rows
+                                      where that probability underflows are recomputed exactly;
+                                      where host syncs cost, lse = max(logits_c) - log(max(p_c)))
+    g_c      = p_c - onehot           (ignored rows zeroed)
     grad_h_c = g_c @ W ;  grad_W += g_c^T @ h_c ;  grad_b += sum(g_c)
 
 backward only scales these sums by grad_output / n_valid (a device tensor: no host sync). The
 logits chunk is the only [R, V] tensor alive, so memory is O(R * V) instead of O(N * V), and the
-element-wise passes of the unfused path (log_softmax backward, the NLL scatter, the fresh
-zero-filled [N, V] allocations) disappear. The gradient is computed even if the loss is never
-backpropagated, so callers use this only where gradients are wanted (training) and keep the plain
-head where they need logits (validation, inference).
+element-wise passes of the unfused path (log_softmax forward and backward, the NLL scatter into
+a zero-filled [N, V] gradient, four fresh [N, V] allocations) shrink to one in-place softmax
+and a scatter per chunk, in a buffer that CPU keeps between calls. The gradient is computed
+even if the loss is never backpropagated, so callers use this only where gradients are wanted
+(training) and keep the plain head where they need logits (validation, inference).
 
 Under autocast the matmuls run in the autocast dtype and the softmax in float32, as the plain
 path's `.float()` logits do; gradients come back in the dtypes of `h` and `weight`.
@@ -27,6 +30,28 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK = 1024  # rows per chunk; chosen by measurement (bench/RESULTS.md, "vs Hugging Face")
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(slot: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The [R, V] chunk buffer. On CPU it is kept between calls: a fresh allocation of this size
+    is mmap-ed and page-faulted in on every step (measured: ~3% of a GPT step at vocab 50k). The
+    GPU caching allocator reuses memory by itself. Not for concurrent forwards in threads."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = shape[0] * shape[1]
+    buf = _WORKSPACE.get((slot, dtype))
+    if buf is None or buf.numel() < n:
+        _WORKSPACE.pop((slot, dtype), None)
+        buf = _WORKSPACE[(slot, dtype)] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def _cheap_sync(device: torch.device) -> bool:
+    """Whether reading a tensor on `device` from Python is free (CPU), or a host sync to avoid."""
+    return device.type == "cpu"
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -49,16 +74,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n_valid = valid.sum()
             # On CPU asking whether any target is ignored costs nothing; on an accelerator it would
             # be a host sync, so there ignored rows are always masked (one element-wise pass).
-            masking = dev.type != "cpu" or not bool(valid.all())
+            sync_ok = _cheap_sync(dev)
+            masking = not sync_ok or not bool(valid.all())
+            tiny = torch.finfo(sdt).tiny * 2**20  # below this a probability has lost precision
             tgt = torch.where(valid, targets, 0)[:, None]
             loss_sum = torch.zeros((), dtype=sdt, device=dev)
             grad_h = torch.empty((N, d), dtype=cdt, device=dev) if need_h else None
             grad_w = torch.empty((V, d), dtype=sdt, device=dev) if need_w else None
             grad_b = torch.zeros((V,), dtype=sdt, device=dev) if need_b else None
             R = max(1, min(chunk, N))
-            logits = torch.empty((R, V), dtype=cdt, device=dev)
+            logits = _workspace(0, (R, V), cdt, dev)
             # the softmax overwrites the logits where the dtypes allow (fp32), else its own buffer
-            probs = logits if cdt == sdt else torch.empty((R, V), dtype=sdt, device=dev)
+            probs = logits if cdt == sdt else _workspace(1, (R, V), sdt, dev)
             minus_one = torch.full((R, 1), -1.0, dtype=sdt, device=dev)
             for s in range(0, N, R):
                 e = min(s + R, N)
@@ -68,14 +95,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     torch.mm(hs, w.t(), out=lg)
                 else:
                     torch.addmm(b, hs, w.t(), out=lg)
-                # loss = logsumexp - logit[target], with logsumexp = max - log(softmax at the max):
-                # one exp per element (softmax) instead of two (log_softmax, then exp for the
-                # gradient), and the softmax at the max is >= 1/V, so its log is exact.
-                m = lg.amax(1).to(sdt)
-                picked = lg.gather(1, ts).squeeze(1).to(sdt)
-                torch.softmax(lg, 1, dtype=sdt, out=p)
-                row_loss = m - p.amax(1).log() - picked
-                loss_sum += (row_loss * valid[s:e]).sum() if masking else row_loss.sum()
+                if sync_ok:
+                    # loss = -log(softmax at the target): as exact as log_softmax unless that
+                    # probability is (nearly) subnormal, a loss above ~73 nats (fp32; diverging
+                    # runs): those rows are recomputed from their logits. No extra pass over the chunk.
+                    torch.softmax(lg, 1, dtype=sdt, out=p)
+                    pt = p.gather(1, ts).squeeze(1)
+                    row_loss = -pt.log()
+                    low = pt < tiny
+                    if masking:
+                        low &= valid[s:e]
+                    if bool(low.any()):
+                        rows = low.nonzero().squeeze(1)
+                        x = (hs[rows] @ w.t() if b is None else torch.addmm(b, hs[rows], w.t())).to(sdt)
+                        row_loss[rows] = torch.logsumexp(x, 1) - x.gather(1, ts[rows]).squeeze(1)
+                else:
+                    # loss = logsumexp - logit[target], with logsumexp = max - log(softmax at the max)
+                    # (>= 1/V, so its log is exact): no host sync, at the price of two row maxima.
+                    m = lg.amax(1).to(sdt)
+                    picked = lg.gather(1, ts).squeeze(1).to(sdt)
+                    torch.softmax(lg, 1, dtype=sdt, out=p)
+                    row_loss = m - p.amax(1).log() - picked
+                loss_sum += torch.where(valid[s:e], row_loss, 0).sum() if masking else row_loss.sum()
                 if not (need_h or need_w or need_b):
                     continue
                 g = p.scatter_add_(1, ts, minus_one[:r])  # softmax - onehot
@@ -111,12 +152,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
-                         ignore_index: int = -100, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                         ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `h @ weight.T + bias` against `targets` over the positions whose target
     is not `ignore_index` (nan if there are none, as F.cross_entropy). `h` is [..., d], `targets`
-    the matching [...]. Without gradients this falls back to the plain computation."""
+    the matching [...]; `chunk` rows at a time (default DEFAULT_CHUNK). Without gradients this
+    falls back to the plain computation."""
     h2 = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1)
     if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-        return F.cross_entropy(F.linear(h2, weight, bias).float(), t, ignore_index=ignore_index)
-    return _LinearCrossEntropy.apply(h2, weight, bias, t, ignore_index, chunk)
+        logits = F.linear(h2, weight, bias)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), t, ignore_index=ignore_index)
+    return _LinearCrossEntropy.apply(h2, weight, bias, t, ignore_index, chunk or DEFAULT_CHUNK)
