@@ -13,7 +13,8 @@ figure per model is the median over rounds of (tokens / round time):
         size / vocabulary, the same corruption (lmtk's MLM.corrupt, same seeds), labels -100
         on unmasked positions: HF runs its MLM head (dense + LN + decoder) on every position.
   gpt:  lmtk GPT of conf/model/gpt2.yaml (learned positions, pre-LN LayerNorm, GELU MLP,
-        biases, tied head) with lmtk.objectives.CLM
+        biases, tied head) with lmtk.objectives.CLM, whose training loss is the fused, chunked
+        head + cross-entropy (lmtk/models/fused_ce.py; --plain-head: [N, vocab] logits + F.cross_entropy)
     vs  transformers GPT2LMHeadModel, same dimensions, labels = inputs.
 
 Both sides: the same random-token batches, dropout 0, HF attention on SDPA
@@ -25,6 +26,7 @@ one batch (no grad clipping, no accumulation).
 
     python bench/vs_hf.py                     # CPU: small dims, ~3-5 min on 2 cores
     python bench/vs_hf.py --only gpt --rounds 5 --steps 4
+    python bench/vs_hf.py --only gpt --no-mem --plain-head   # lmtk without the fused head (before/after)
     python bench/vs_hf.py --device cuda       # GPU defaults: BERT 16x768 seq128, GPT 12x768 seq1024
 
 Memory: on CUDA, peak torch.cuda.max_memory_allocated of each model alone (own subprocess);
@@ -78,6 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--bert-mlp", default="gated-gelu", choices=["gated-gelu", "gelu"],
                    help="lmtk BERT MLP (default: %(default)s as crammed-bert.yaml; gelu = HF's MLP exactly)")
     p.add_argument("--mask-rate", type=float, default=0.15)
+    p.add_argument("--plain-head", action="store_true",
+                   help="lmtk's training loss through the plain head (objective.fused_head=false: [N, vocab] logits + "
+                   "F.cross_entropy) instead of the fused, chunked linear + cross-entropy")
+    p.add_argument("--head-chunk", type=int, default=None,
+                   help="rows per chunk of lmtk's fused head (default: lmtk.models.fused_ce.DEFAULT_CHUNK)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per model (default: CPU 1, GPU 5)")
     p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="steps per model per round (default: CPU 2, GPU 20)")
@@ -118,13 +125,14 @@ def _optim_cfg():
     return OmegaConf.load(REPO / "conf" / "optim" / "adamw.yaml")
 
 
-def _mlm_objective(d, mask_rate: float):
+def _mlm_objective(d, mask_rate: float, fused_head: bool = True):
     from omegaconf import OmegaConf
 
     from lmtk.objectives import MLM
 
     cfg = OmegaConf.load(REPO / "conf" / "objective" / "mlm.yaml")
     cfg.mask_rate = mask_rate
+    cfg.fused_head = fused_head
     return MLM(cfg, stub_tokenizer(d.vocab))
 
 
@@ -181,8 +189,13 @@ def build(which: str, args, device: torch.device):
     batches = [torch.randint(5, d.vocab, (d.batch, d.seq), generator=gen_data).to(device) for _ in range(4)]
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
            else torch.autocast(device.type, enabled=False))
-    mlm = _mlm_objective(d, args.mask_rate) if pair == "bert" else None
-    clm = CLM(None, stub_tokenizer(d.vocab)) if pair == "gpt" else None
+    fused = not args.plain_head
+    if args.head_chunk:
+        import lmtk.models.fused_ce
+
+        lmtk.models.fused_ce.DEFAULT_CHUNK = args.head_chunk
+    mlm = _mlm_objective(d, args.mask_rate, fused) if pair == "bert" else None
+    clm = CLM(SimpleNamespace(fused_head=fused), stub_tokenizer(d.vocab)) if pair == "gpt" else None
 
     def loss_of(i: int, rows: int | None = None) -> torch.Tensor:
         batch = batches[i % len(batches)][:rows]
@@ -361,9 +374,9 @@ def main(argv=None) -> int:
             "peak mem MiB" + (" (cuda alloc)" if gpu else " (RSS delta)"), "final loss"]
     rows, ratios = [], {}
     desc = {
-        "lmtk-bert": f"lmtk crammed-BERT ({args.bert_mlp}), MLM sparse",
+        "lmtk-bert": f"lmtk crammed-BERT ({args.bert_mlp}), MLM sparse" + (", plain head" if args.plain_head else ""),
         "hf-bert": "HF BertForMaskedLM (sdpa), dense head",
-        "lmtk-gpt": "lmtk GPT (gpt2.yaml), CLM",
+        "lmtk-gpt": "lmtk GPT (gpt2.yaml), CLM" + (", plain head" if args.plain_head else ""),
         "hf-gpt": "HF GPT2LMHeadModel (sdpa, gelu)",
     }
     for pair, info in results.items():
