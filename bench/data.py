@@ -125,7 +125,6 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0
     print(f"[data] trained BPE vocab {tok.vocab_size} on {args.train_mb:g} MB in {t_train:.1f}s", flush=True)
     dtype = np.uint16 if tok.vocab_size < 65536 else np.uint32
-    bs = packing.BATCH_DOCS
 
     # ---- tokenise + pack, alternating lmtk (all cores / one process) with the baseline -----------
     workers = packing.encode_workers()

@@ -77,7 +77,7 @@ def test_cache_starts_over_when_full(bpe, monkeypatch):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tokenize_to_file_in_worker_processes_keeps_order(bpe, tmp_path, monkeypatch, workers):
-    monkeypatch.setattr(packing, "BATCH_DOCS", 7)
+    monkeypatch.setattr(packing, "BATCH_CHARS", 500)
     monkeypatch.setattr(packing, "POOL_AFTER_BATCHES", 2)
     docs = random_docs(120, seed=2) + [TRICKY] * 3
     n_tok, n_chars = packing.tokenize_to_file(iter(docs), bpe, tmp_path / "t.bin", np.uint16, workers=workers)

@@ -24,17 +24,19 @@ import torch
 from lmtk.data.tokenizer import Tokenizer, cache_root
 from lmtk.errors import UserError
 
-BATCH_DOCS = 512  # documents per encode call
+BATCH_CHARS = 1_000_000  # text per encode call (and per task of a worker process)
 POOL_AFTER_BATCHES = 4  # small data stays in-process: a pool costs ~0.1 s to start
 
 
-def _batches(docs: Iterable[str], n: int) -> Iterator[list[str]]:
+def _batches(docs: Iterable[str], chars: int) -> Iterator[list[str]]:
     buf: list[str] = []
+    size = 0
     for d in docs:
         buf.append(d)
-        if len(buf) == n:
+        size += len(d)
+        if size >= chars:
             yield buf
-            buf = []
+            buf, size = [], 0
     if buf:
         yield buf
 
@@ -54,7 +56,7 @@ def _worker_encode(batch: list[str]) -> np.ndarray:
 def _encoded(docs: Iterable[str], tok: Tokenizer, workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
     """(batch, ids) in document order; batches after the first few go to `workers` processes
     when the encoding runs in Python (byte-level BPE's word cache)."""
-    batches = _batches(docs, BATCH_DOCS)
+    batches = _batches(docs, BATCH_CHARS)
     head = list(itertools.islice(batches, POOL_AFTER_BATCHES))
     for batch in head:
         yield batch, tok.encode_stream(batch)
