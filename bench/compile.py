@@ -3,7 +3,8 @@
 
 Each recipe trains twice through the real CLI (`python -m lmtk train RECIPE ...`, a fresh
 process each, so compilation is cold), once eager and once with train.compile=true, with the
-recipe's architecture and objective but shrunk so a CPU finishes: --layers layers, d --d,
+recipe's architecture and objective but shrunk so a CPU finishes (cold: a fresh Inductor cache
+each run): --layers layers, d --d,
 vocabulary --vocab, seq --seq, --steps steps of batch --batch. Reported per recipe: wall time of
 each run (the difference is mostly compile time: the compiled run also compiles the
 evaluation graph and, for gpt-bert, one graph per attention mode), steady-state tok/s (median
@@ -56,6 +57,8 @@ def train(recipe: str, compiled: bool, args, env: dict) -> dict:
         "val.every=0", "val.tokens=4096", "checkpoint.every=0", "logger.every=1", "logger=console",
         f"train.compile={str(compiled).lower()}", "device=cpu",
     ]
+    # a fresh Inductor cache per run: the on-disk cache would make every compile after the first warm
+    env = dict(env, TORCHINDUCTOR_CACHE_DIR=str(Path(env["LMTK_RUNS"]).parent / f"inductor-{name}"))
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
