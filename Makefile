@@ -22,8 +22,9 @@ test-all: install
 lint:
 	$(PY) -m ruff check lmtk tests bench 2>/dev/null || $(PY) -m compileall -q lmtk tests bench
 
-# issue 5's three benchmarks (vs Hugging Face needs `pip install transformers`; mfu.py is a smoke run without a GPU)
+# issue 5's three benchmarks (the bench extra brings transformers; mfu.py is a smoke run without a GPU)
 bench: install
+	$(PIP) install -q -e ".[dev,bench]"
 	$(PY) bench/vs_hf.py
 	$(PY) bench/data.py
 	$(PY) bench/mfu.py

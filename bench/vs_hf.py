@@ -341,8 +341,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import transformers
-
+    try:
+        import transformers
+    except ImportError:
+        print("error: bench/vs_hf.py needs transformers: pip install -e '.[bench]' (or make bench)", file=sys.stderr)
+        return 2
     transformers.logging.set_verbosity_error()
     if args.child_mem:
         child_mem(args)
