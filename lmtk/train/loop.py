@@ -195,11 +195,11 @@ class _Guard:
 class _StepModel:
     """What objectives see during training: hidden(), logits() and head_loss() of the model, with the
     hidden pass routed through DDP's forward when data-parallel (so its reducer is armed),
-    and sync(False) skipping the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all
-    but the last micro-batch. A sharded (FSDP) model's hidden() runs its hooks itself."""
+    and sync(False) skipping DDP's gradient all-reduce on all but the last micro-batch.
+    A sharded (FSDP) model's hidden() runs its hooks itself."""
 
-    def __init__(self, model, ddp=None, fsdp: bool = False):
-        self.model, self.ddp, self.fsdp = model, ddp, fsdp
+    def __init__(self, model, ddp=None):
+        self.model, self.ddp = model, ddp
 
     def hidden(self, idx, causal: bool = True):
         if self.ddp is None:
@@ -213,19 +213,11 @@ class _StepModel:
         return self.model.head_loss(h, targets)
 
     def sync(self, last: bool):
-        if self.fsdp and not last:
-            return self._fsdp_no_sync()
-        return contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
-
-    @contextlib.contextmanager
-    def _fsdp_no_sync(self):
-        # Gradients accumulate unsharded until the last micro-batch: one reduce-scatter per step
-        # instead of one per micro-batch, at the cost of full-size gradients in between.
-        self.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
+        # FSDP reduce-scatters after every micro-batch: skipping it would hold full-size
+        # gradients for the whole model until the last one, and memory is why FSDP was chosen.
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
 
 def fit(job: Job) -> dict:
@@ -256,7 +248,7 @@ def fit(job: Job) -> dict:
         t0 = time.perf_counter()
         model.compile_blocks()
         sinks.console.message(f"torch.compile: blocks compiled lazily (set up in {time.perf_counter() - t0:.1f}s)")
-    step_model = _StepModel(model, fsdp=dist.fsdp)
+    step_model = _StepModel(model)
     if dist.enabled and not dist.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
