@@ -91,3 +91,18 @@ def test_wordpiece_stream_matches_its_encode(tmp_path):
     docs = [TRICKY, "Hello World", ""]
     n_tok, _ = packing.tokenize_to_file(iter(docs), wp, tmp_path / "w.bin", np.uint16, workers=2)
     np.testing.assert_array_equal(np.fromfile(tmp_path / "w.bin", dtype=np.uint16), reference(wp, docs))
+
+
+def test_tokenising_progress_reports_mb_rate_and_eta(bpe, tmp_path, monkeypatch, capsys):
+    from lmtk.log import console
+
+    monkeypatch.setattr(packing, "BATCH_CHARS", 2000)
+    monkeypatch.setattr(console, "file", None)  # rich prints to (captured) stderr, not a terminal
+    docs = random_docs(100, seed=3)
+    total = sum(map(len, docs))
+    with packing.TokeniseProgress(2 * total, quiet_s=0.0, every_s=0.0) as progress:
+        packing.tokenize_to_file(iter(docs), bpe, tmp_path / "p.bin", np.uint16, workers=1, progress=progress)
+    assert progress.done == total
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 3 and all(line.startswith("tokenising: ") for line in lines)
+    assert " MB/s" in lines[-1] and "ETA" in lines[-1] and f"/{2 * total / 1e6:,.1f} MB" in lines[-1]

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -92,17 +92,57 @@ def encode_workers() -> int:
     return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 
 
-def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype, workers: int | None = None) -> tuple[int, int]:
-    """Stream documents through the tokenizer into a raw binary file. Returns (tokens, chars)."""
+def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype, workers: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Stream documents through the tokenizer into a raw binary file. Returns (tokens, chars);
+    `progress(chars)` is called after every batch."""
     n_tok = n_chars = 0
     with open(path, "wb") as f:
         for batch, ids in _encoded(docs, tok, encode_workers() if workers is None else workers):
-            n_chars += sum(map(len, batch))
+            chars = sum(map(len, batch))
+            n_chars += chars
             f.write(ids.astype(dtype).tobytes())
             n_tok += len(ids)
+            if progress is not None:
+                progress(chars)
         f.flush()
         os.fsync(f.fileno())
     return n_tok, n_chars
+
+
+class TokeniseProgress:
+    """MB done, MB/s and ETA while a corpus is tokenised: a transient bar on a terminal, a
+    line every 30 s otherwise (logs), nothing for corpora done in a few seconds."""
+
+    def __init__(self, total_chars: int | None, quiet_s: float = 3.0, every_s: float = 30.0):
+        self.total, self.quiet_s, self.every_s = total_chars, quiet_s, every_s
+        self.done, self.t0, self.last, self.bar = 0, time.perf_counter(), 0.0, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, chars: int) -> None:
+        from lmtk.log import _fmt_eta, console
+
+        self.done += chars
+        now = time.perf_counter() - self.t0
+        if now < self.quiet_s:
+            return
+        rate = self.done / now
+        left = f", ETA {_fmt_eta((self.total - self.done) / rate)}" if self.total and self.total > self.done else ""
+        text = f"tokenising: {self.done / 1e6:,.1f}" + (f"/{self.total / 1e6:,.1f}" if self.total else "") + f" MB, {rate / 1e6:.1f} MB/s{left}"
+        if console.is_terminal:
+            if self.bar is None:
+                self.bar = console.status(text)
+                self.bar.start()
+            self.bar.update(text)
+        elif now - self.last >= self.every_s:
+            self.last = now
+            console.print(text)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 class TokenCache:
@@ -129,8 +169,9 @@ class TokenCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()
-        n_train, chars = tokenize_to_file(source.documents("train"), self.tok, tmp / "train.bin", self.dtype)
-        n_val, _ = tokenize_to_file(source.documents("val"), self.tok, tmp / "val.bin", self.dtype)
+        with TokeniseProgress(source.approx_chars()) as progress:
+            n_train, chars = tokenize_to_file(source.documents("train"), self.tok, tmp / "train.bin", self.dtype, progress=progress)
+            n_val, _ = tokenize_to_file(source.documents("val"), self.tok, tmp / "val.bin", self.dtype, progress=progress)
         meta = {
             "train_tokens": n_train,
             "val_tokens": n_val,

@@ -137,6 +137,15 @@ class Source:
             h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
+    def approx_chars(self) -> int | None:
+        """About how many characters documents() reads over both splits (file sizes, capped by
+        data.max_chars), for progress and ETA; None when unknown (a HF dataset)."""
+        files = getattr(self, "files", None)
+        if files is None:
+            return self.cfg.max_chars
+        total = sum(f.stat().st_size for f in files + (getattr(self, "val_files", None) or []))
+        return min(total, self.cfg.max_chars) if self.cfg.max_chars is not None else total
+
     def _hf_rows(self, split: str) -> Iterator[str]:
         import datasets
 
