@@ -14,6 +14,7 @@ import multiprocessing
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -89,7 +90,11 @@ def _encoded(docs: Iterable[str], tok: Tokenizer, workers: int) -> Iterator[tupl
 
 
 def encode_workers() -> int:
-    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    """One per usable core (at most 8) on Linux; elsewhere 1: the pool forks, and fork is unsafe
+    on macOS once system frameworks are loaded (Python itself defaults to spawn there)."""
+    if not sys.platform.startswith("linux"):
+        return 1
+    return min(len(os.sched_getaffinity(0)), 8)
 
 
 def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype, workers: int | None = None,
