@@ -71,6 +71,13 @@ class Block(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
+def _scalar_pos_scale(state_dict, prefix, *args) -> None:
+    """Checkpoints written before pos_scale had shape [1] hold a scalar: reshape on load."""
+    key = prefix + "pos_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -83,7 +90,9 @@ class LanguageModel(nn.Module):
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
             # Scaled sinusoid (as in Cramming): a learned scale, starting where the table's RMS
             # (1/sqrt 2) matches the token embeddings' (init_std), so positions do not drown tokens.
-            self.pos_scale = nn.Parameter(torch.tensor(cfg.init_std * 2**0.5))
+            # Shape [1], not a scalar: FSDP2 cannot shard 0-dim parameters.
+            self.pos_scale = nn.Parameter(torch.full((1,), cfg.init_std * 2**0.5))
+            self._register_load_state_dict_pre_hook(_scalar_pos_scale)
         self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias) if cfg.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
