@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -11,6 +12,7 @@ from omegaconf import OmegaConf
 from lmtk.data import packing, wordcache
 from lmtk.data.sources import stdlib_files
 from lmtk.data.tokenizer import Tokenizer, train_tokenizer
+from lmtk.errors import UserError
 
 # Characters the split pattern must classify like Oniguruma does: letters and numbers outside
 # ASCII (some above U+FFFF), combining marks, every kind of white space (and \x1c-\x1f, which
@@ -52,11 +54,30 @@ def test_supported_only_for_plain_byte_level_bpe(bpe):
 
 def test_identical_ids_on_code_unicode_and_random_text(bpe):
     code = [open(f, encoding="utf-8", errors="replace").read() for f in stdlib_files()[20:60]]
-    docs = code + [TRICKY, "", " ", "\n", "   leading and trailing   "] + random_docs(300, seed=0)
+    # characters Unicode assigned after Python 3.11's database (14.0): letters to `tokenizers`
+    newer = ["x\U00031350y caf\u00e9", "\U0002EBF0a b", "\U0001E4D0\U0001E4F0 \u00e9t\u00e9"]
+    docs = code + [TRICKY, "", " ", "\n", "   leading and trailing   ", *newer] + random_docs(300, seed=0)
     cache = wordcache.WordCache(bpe.tk, bpe.eos_id)
     got = np.concatenate([cache.encode(docs[i : i + 37]) for i in range(0, len(docs), 37)])
     np.testing.assert_array_equal(got, reference(bpe, docs))
     assert len(cache.index) > 1000  # the cache did the work, not a fallback
+
+
+def test_split_matches_the_pre_tokenizer_wherever_the_cache_is_used(bpe):
+    """Stronger than equal ids (a small vocabulary may hide a split difference): equal pieces."""
+    newer = ["x\U00031350y", "\U0002EBF0a", "\U0001E4D0\U0001E4F0"]  # Unicode 15+: unknown to Python 3.11
+    cache = wordcache.WordCache(bpe.tk, bpe.eos_id)
+    docs = [TRICKY, *random_docs(300, seed=5)]
+    for doc in docs + newer:
+        astral = wordcache._has_astral(doc)
+        if cache.needs_tokenizers(doc, astral):
+            continue
+        ours = [m.span() for m in wordcache.split_pattern(astral).finditer(doc)]
+        assert ours == [span for _, span in bpe.tk.pre_tokenizer.pre_tokenize_str(doc)], doc
+    import unicodedata
+
+    if unicodedata.unidata_version < "15":
+        assert all(cache.needs_tokenizers(d, wordcache._has_astral(d)) for d in newer)
 
 
 def test_documents_with_special_token_text_take_the_tokenizers_path(bpe):
@@ -79,11 +100,44 @@ def test_cache_starts_over_when_full(bpe, monkeypatch):
 def test_tokenize_to_file_in_worker_processes_keeps_order(bpe, tmp_path, monkeypatch, workers):
     monkeypatch.setattr(packing, "BATCH_CHARS", 500)
     monkeypatch.setattr(packing, "POOL_AFTER_BATCHES", 2)
+    pools = []
+    real = packing._fork_pool
+    monkeypatch.setattr(packing, "_fork_pool", lambda *a: pools.append(real(*a)) or pools[-1])
     docs = random_docs(120, seed=2) + [TRICKY] * 3
     n_tok, n_chars = packing.tokenize_to_file(iter(docs), bpe, tmp_path / "t.bin", np.uint16, workers=workers)
     got = np.fromfile(tmp_path / "t.bin", dtype=np.uint16)
     np.testing.assert_array_equal(got, reference(bpe, docs))
     assert (n_tok, n_chars) == (len(got), sum(map(len, docs)))
+    assert len(pools) == (workers > 1) and all(p is not None for p in pools)
+
+
+def _die(batch):
+    os._exit(1)  # as an out-of-memory kill would
+
+
+def test_a_dead_worker_is_a_clear_error_not_a_hang(bpe, tmp_path, monkeypatch):
+    monkeypatch.setattr(packing, "BATCH_CHARS", 500)
+    monkeypatch.setattr(packing, "POOL_AFTER_BATCHES", 1)
+    monkeypatch.setattr(packing, "_worker_encode", _die)
+    with pytest.raises(UserError, match="tokenising worker process died"):
+        packing.tokenize_to_file(iter(random_docs(50, seed=4)), bpe, tmp_path / "t.bin", np.uint16, workers=2)
+
+
+def test_failed_build_leaves_no_partial_cache(bpe, monkeypatch, fresh_cache):
+    class Broken:
+        def fingerprint(self):
+            return "broken"
+
+        def approx_chars(self):
+            return None
+
+        def documents(self, split):
+            yield "some text"
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        packing.TokenCache(Broken(), bpe, 8)
+    assert not any((fresh_cache / "tokens").iterdir())
 
 
 def test_wordpiece_stream_matches_its_encode(tmp_path):
@@ -97,7 +151,7 @@ def test_tokenising_progress_reports_mb_rate_and_eta(bpe, tmp_path, monkeypatch,
     from lmtk.log import console
 
     monkeypatch.setattr(packing, "BATCH_CHARS", 2000)
-    monkeypatch.setattr(console, "file", None)  # rich prints to (captured) stderr, not a terminal
+    console.file = None  # rich follows sys.stderr (captured; not a terminal); conftest resets it after
     docs = random_docs(100, seed=3)
     total = sum(map(len, docs))
     with packing.TokeniseProgress(2 * total, quiet_s=0.0, every_s=0.0) as progress:

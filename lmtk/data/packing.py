@@ -14,6 +14,7 @@ import multiprocessing
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,45 +49,68 @@ _worker_tok: Tokenizer | None = None
 def _worker_init(tok: Tokenizer) -> None:
     global _worker_tok
     _worker_tok = tok
+    # Ctrl-C reaches the whole process group: the parent handles it (and stops the pool);
+    # workers dying of it would each print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _worker_encode(batch: list[str]) -> np.ndarray:
     return _worker_tok.encode_stream(batch)
 
 
-def _encoded(docs: Iterable[str], tok: Tokenizer, workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(batch, ids) in document order; batches after the first few go to `workers` processes
-    when the encoding runs in Python (byte-level BPE's word cache)."""
-    batches = _batches(docs, BATCH_CHARS)
-    head = list(itertools.islice(batches, POOL_AFTER_BATCHES))
-    for batch in head:
-        yield batch, tok.encode_stream(batch)
-    if len(head) < POOL_AFTER_BATCHES or workers < 2 or not tok.parallel_encode:
-        for batch in batches:
-            yield batch, tok.encode_stream(batch)
-        return
-    # fork: workers inherit the tokenizer, its warm word cache and the compiled split pattern;
-    # they never touch torch. TOKENIZERS_PARALLELISM set across the fork keeps `tokenizers` from
-    # warning that its threads were used before (the workers are single-threaded on purpose).
+def _fork_pool(tok: Tokenizer, workers: int):
+    """A fork pool, or None when the system cannot give one (then encoding stays in-process).
+    Forked workers inherit the tokenizer, its warm word cache and the compiled split pattern;
+    they never touch torch. TOKENIZERS_PARALLELISM set across the fork keeps `tokenizers` from
+    warning that its threads were used before (the workers are single-threaded on purpose)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        pool = multiprocessing.get_context("fork").Pool(workers, _worker_init, (tok,))
+        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _worker_init, (tok,))
+        pool.submit(int).result()  # start the workers now: a failing fork shows here
+        return pool
+    except OSError:
+        return None
     finally:
         if saved is None:
             os.environ.pop("TOKENIZERS_PARALLELISM")
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
-    with pool:
-        pending: collections.deque = collections.deque()
+
+
+def _encoded(docs: Iterable[str], tok: Tokenizer, workers: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(batch, ids) in document order; batches after the first few go to `workers` processes
+    when the encoding runs in Python (byte-level BPE's word cache)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    batches = _batches(docs, BATCH_CHARS)
+    head = list(itertools.islice(batches, POOL_AFTER_BATCHES))
+    for batch in head:
+        yield batch, tok.encode_stream(batch)
+    pool = None
+    if len(head) == POOL_AFTER_BATCHES and workers > 1 and tok.parallel_encode:
+        pool = _fork_pool(tok, workers)
+    if pool is None:
         for batch in batches:
-            pending.append((batch, pool.apply_async(_worker_encode, (batch,))))
+            yield batch, tok.encode_stream(batch)
+        return
+    pending: collections.deque = collections.deque()
+    try:
+        for batch in batches:
+            pending.append((batch, pool.submit(_worker_encode, batch)))
             if len(pending) > 2 * workers:  # bounded read-ahead: memory stays flat on big corpora
-                done, res = pending.popleft()
-                yield done, res.get()
+                done, fut = pending.popleft()
+                yield done, fut.result()
         while pending:
-            done, res = pending.popleft()
-            yield done, res.get()
+            done, fut = pending.popleft()
+            yield done, fut.result()
+    except BrokenProcessPool:
+        raise UserError("a tokenising worker process died (out of memory?); "
+                        "try again, or lower data.max_chars to find the document") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def encode_workers() -> int:
@@ -174,9 +198,15 @@ class TokenCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()
-        with TokeniseProgress(source.approx_chars()) as progress:
-            n_train, chars = tokenize_to_file(source.documents("train"), self.tok, tmp / "train.bin", self.dtype, progress=progress)
-            n_val, _ = tokenize_to_file(source.documents("val"), self.tok, tmp / "val.bin", self.dtype, progress=progress)
+        try:
+            with TokeniseProgress(source.approx_chars()) as progress:
+                n_train, chars = tokenize_to_file(source.documents("train"), self.tok, tmp / "train.bin", self.dtype, progress=progress)
+                n_val, _ = tokenize_to_file(source.documents("val"), self.tok, tmp / "val.bin", self.dtype, progress=progress)
+        except BaseException:  # an error or Ctrl-C: no half-written streams left in the cache
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            self.tok.release_word_cache()  # up to a few hundred MB, not needed for training
         meta = {
             "train_tokens": n_train,
             "val_tokens": n_val,

@@ -60,23 +60,30 @@ class Tokenizer:
         fast = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)
         return [e.ids for e in fast(texts, add_special_tokens=False)]
 
-    def encode_stream(self, docs: list[str]) -> np.ndarray:
-        """Ids of the documents back to back, each followed by [SEP] (the packed-stream layout)."""
+    def _word_cache(self):
+        """lmtk.data.wordcache.WordCache for a byte-level BPE tokenizer it reproduces, else None."""
         if self._words is None:
             from lmtk.data import wordcache
 
             self._words = wordcache.WordCache(self.tk, self.eos_id) if wordcache.supports(self.tk) else False
+        return self._words or None
+
+    def release_word_cache(self) -> None:
         if self._words:
-            return self._words.encode(docs)
+            self._words = None
+
+    def encode_stream(self, docs: list[str]) -> np.ndarray:
+        """Ids of the documents back to back, each followed by [SEP] (the packed-stream layout)."""
+        words = self._word_cache()
+        if words is not None:
+            return words.encode(docs)
         eos = [self.eos_id]
         return np.fromiter(itertools.chain.from_iterable(ids + eos for ids in self.encode_batch(docs)), dtype=np.int64)
 
     @property
     def parallel_encode(self) -> bool:
         """Whether encode_stream runs in Python (so worth several processes; `tokenizers` threads itself)."""
-        from lmtk.data import wordcache
-
-        return wordcache.supports(self.tk)
+        return self._word_cache() is not None
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids

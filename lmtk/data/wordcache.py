@@ -5,7 +5,9 @@ a string per token), about 1 MB/s per core here. Text repeats its words, so spli
 same pattern as the ByteLevel pre-tokenizer and looking each word up in a cache gives the same ids
 several times faster (bench/data.py). BPE never merges across pre-tokens, so a word's ids do not
 depend on its neighbours. Texts that contain an added token (e.g. a literal "[SEP]") take the
-`tokenizers` path, which matches those first.
+`tokenizers` path, which matches those first; so do texts with a character this Python's Unicode
+database does not know (assigned in a later Unicode version than Python's, it could be a letter
+to `tokenizers` and split differently here).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def split_pattern(astral: bool = True) -> re.Pattern:
         rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
         rf"|[{space}]+(?![^{space}])|[{space}]+"
     )
+
+
+@functools.cache
+def unassigned_pattern(astral: bool = True) -> re.Pattern:
+    """Characters unassigned in this Python's Unicode database (category Cn)."""
+    top = sys.maxunicode if astral else 0xFFFF
+    return re.compile(f"[{_cls(_ranges(lambda c: unicodedata.category(c) == 'Cn', top))}]")
 
 
 def _has_astral(text: str) -> bool:
@@ -133,18 +142,25 @@ class WordCache:
         # output position i reads flat[start of its word + its offset within the word]
         return self.flat[np.repeat(starts - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)]
 
+    def needs_tokenizers(self, doc: str, astral: bool) -> bool:
+        """Documents this cache leaves to `tokenizers`: added-token text, or a character unknown
+        to Python's Unicode database."""
+        return bool((self.added is not None and self.added.search(doc))
+                    or (not doc.isascii() and unassigned_pattern(astral).search(doc)))
+
     def encode(self, docs: list[str]) -> np.ndarray:
         parts: list[np.ndarray] = []
         words: list[str] = []
         for doc in docs:
-            if self.added is not None and self.added.search(doc):
+            astral = _has_astral(doc)
+            if self.needs_tokenizers(doc, astral):
                 if words:
                     parts.append(self._gather(words))
                     words = []
                 ids = self.tk.encode(doc, add_special_tokens=False).ids
                 parts.append(np.asarray(ids + [self.eos_id], dtype=np.int64))
             else:
-                words += (split_pattern().findall if _has_astral(doc) else self.split_bmp)(doc)
+                words += (split_pattern().findall if astral else self.split_bmp)(doc)
                 words.append("")
         if words:
             parts.append(self._gather(words))
