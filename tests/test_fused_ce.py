@@ -49,6 +49,18 @@ def test_loss_and_gradients_equal_the_plain_head(chunk, bias, ignored):
         assert (gh[t == -100] == 0).all() and (gh[t != -100] != 0).any()
 
 
+@pytest.mark.parametrize("n", [0, 6])  # no rows, or every row ignored
+def test_nothing_to_predict_gives_nan_loss_and_zero_gradients_like_the_plain_head(n):
+    h, w, b, t = _case(n=n, bias=True)
+    t[:] = -100
+    ref = F.cross_entropy(F.linear(h, w, b), t)
+    out = linear_cross_entropy(h, w, t, bias=b, chunk=4)
+    assert ref.isnan() and out.isnan()
+    for a, c in zip(_grads(ref, h, w, b), _grads(out, h, w, b)):
+        torch.testing.assert_close(c, a)
+        assert (c == 0).all()
+
+
 def test_float32_matches_to_float_tolerance_and_grad_output_scales():
     h, w, _, t = _case(n=300, d=32, dtype=torch.float32, ignored=20)
     ref = F.cross_entropy(F.linear(h, w), t)

@@ -81,7 +81,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             tgt = torch.where(valid, targets, 0)[:, None]
             loss_sum = torch.zeros((), dtype=sdt, device=dev)
             grad_h = torch.empty((N, d), dtype=cdt, device=dev) if need_h else None
-            grad_w = torch.empty((V, d), dtype=sdt, device=dev) if need_w else None
+            # written by the first chunk's matmul; zeros when there are no rows at all
+            grad_w = (torch.empty if N else torch.zeros)((V, d), dtype=sdt, device=dev) if need_w else None
             grad_b = torch.zeros((V,), dtype=sdt, device=dev) if need_b else None
             R = max(1, min(chunk, N))
             logits = _workspace(0, (R, V), cdt, dev)
@@ -144,7 +145,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         n_valid, grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_out / n_valid
+        # nothing to predict: the loss is NaN (as F.cross_entropy's), the gradients zero (as its are)
+        scale = grad_out / n_valid.clamp(min=1)
         dh, dw, db = ctx.dtypes
         out_h = None if grad_h is None else (grad_h.to(scale.dtype) * scale).to(dh)
         out_w = None if grad_w is None else grad_w.mul_(scale).to(dw)
