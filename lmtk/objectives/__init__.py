@@ -38,9 +38,10 @@ class Objective(abc.ABC):
     def predict(self, model, batch: torch.Tensor, gen: torch.Generator):
         """(final hidden states [..., d] at the predicted positions, their target ids [...])."""
 
-    def nll(self, model, batch: torch.Tensor, gen: torch.Generator):
-        """(nll [N] in nats, target ids [N]) for the N predicted positions of the batch."""
-        h, targets = self.predict(model, batch, gen)
+    def nll(self, model, batch: torch.Tensor, gen: torch.Generator, *args, **kwargs):
+        """(nll [N] in nats, target ids [N]) for the N predicted positions of the batch; extra
+        arguments go to predict() (a hybrid's budget fraction, a mask rate)."""
+        h, targets = self.predict(model, batch, gen, *args, **kwargs)
         return _nll(model.logits(h), targets), targets.reshape(-1)
 
     def val_objectives(self) -> dict:

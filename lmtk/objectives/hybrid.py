@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lmtk.errors import UserError
-from lmtk.objectives import CLM, MLM, VAL_MASK_RATE, Objective, _nll
+from lmtk.objectives import CLM, MLM, VAL_MASK_RATE, Objective
 
 
 def parse_phases(phases) -> list[tuple[str, float]]:
@@ -55,9 +55,6 @@ class AntLM(Objective):
     def predict(self, model, batch, gen, frac: float = 0.0):
         return self.parts[self.phase(frac)[1]].predict(model, batch, gen)
 
-    def nll(self, model, batch, gen, frac: float = 0.0):
-        return self.parts[self.phase(frac)[1]].nll(model, batch, gen)
-
     def loss(self, model, batch, gen, frac: float = 0.0):
         i, name = self.phase(frac)
         return self.mean_loss(model, *self.parts[name].predict(model, batch, gen)), {"phase": f"{i}:{name}"}
@@ -74,10 +71,6 @@ class MaskedNextToken(MLM):
         x, pos = self.corrupt(batch, gen, rate=rate, first=1)
         h = model.hidden(x, causal=False)
         return h.gather(1, (pos - 1)[..., None].expand(-1, -1, h.shape[-1])), batch.gather(1, pos)
-
-    def nll(self, model, batch, gen, rate: float | None = None):
-        h, targets = self.predict(model, batch, gen, rate=rate)
-        return _nll(model.logits(h), targets), targets.reshape(-1)
 
 
 class GPTBERT(Objective):
@@ -103,10 +96,6 @@ class GPTBERT(Objective):
         if self.pick_causal(gen, batch.device):
             return self.causal.predict(model, batch, gen)
         return self.masked.predict(model, batch, gen, rate=self.mask_rate(frac))
-
-    def nll(self, model, batch, gen, frac: float = 0.0):
-        h, targets = self.predict(model, batch, gen, frac)
-        return _nll(model.logits(h), targets), targets.reshape(-1)
 
     def loss(self, model, batch, gen, frac: float = 0.0):
         causal = self.pick_causal(gen, batch.device)
