@@ -2,10 +2,10 @@
 """torch.compile on every recipe: does it run, what does it cost, what does it buy.
 
 Each recipe trains twice through the real CLI (`python -m lmtk train RECIPE ...`, a fresh
-process each, so compilation is cold), once eager and once with train.compile=true, with the
-recipe's architecture and objective but shrunk so a CPU finishes (cold: a fresh Inductor cache
-each run): --layers layers, d --d,
-vocabulary --vocab, seq --seq, --steps steps of batch --batch. Reported per recipe: wall time of
+process each with a fresh Inductor cache, so compilation is cold), once eager and once with
+train.compile=true, after an untimed 1-step run that trains the tokenizer and fills the token
+cache. The recipe's architecture and objective are kept, shrunk so a CPU finishes: --layers
+layers, d --d, vocabulary --vocab, seq --seq, --steps steps of batch --batch. Reported per recipe: wall time of
 each run (the difference is mostly compile time: the compiled run also compiles the
 evaluation graph and, for gpt-bert, one graph per attention mode), steady-state tok/s (median
 of the logged steps after the first quarter), their ratio, and the largest |loss difference|
@@ -47,10 +47,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train(recipe: str, compiled: bool, args, env: dict) -> dict:
-    name = f"{recipe}-{'compiled' if compiled else 'eager'}"
+def train(recipe: str, compiled: bool, args, env: dict, steps: int | None = None, name: str | None = None) -> dict:
+    name = name or f"{recipe}-{'compiled' if compiled else 'eager'}"
     cmd = [
-        sys.executable, "-m", "lmtk", "train", recipe, f"run.name={name}", "budget.hours=null", f"budget.steps={args.steps}",
+        sys.executable, "-m", "lmtk", "train", recipe, f"run.name={name}", "budget.hours=null", f"budget.steps={steps or args.steps}",
         f"model.n_layers={args.layers}", f"model.d_model={args.d}", f"model.n_heads={max(1, args.d // 64)}",
         f"model.d_ff={4 * args.d}", f"tokenizer.vocab_size={args.vocab}", "data=embedded", "data.max_chars=3000000",
         f"data.seq_len={args.seq}", f"train.batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, LMTK_RUNS=str(Path(tmp.name) / "runs"), LMTK_CACHE=os.environ.get("LMTK_CACHE", str(Path(tmp.name) / "cache")))
     rows, ok = [], True
     for recipe in args.only:
+        train(recipe, False, args, env, steps=1, name=f"{recipe}-warmup")  # untimed: trains the tokenizer, fills the token cache
         eager = train(recipe, False, args, env)
         comp = train(recipe, True, args, env)
         if "error" in eager or "error" in comp:

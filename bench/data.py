@@ -235,8 +235,8 @@ def main(argv=None) -> int:
     tmp.cleanup()
     print("\n" + "\n\n".join(out))
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
-    print(f"data tokenize_mb_s={tf:.2f} loader_share_pct={100 * share:.3f}")
-    return 0
+    print(f"data tokenize_mb_s={tf:.2f} loader_share_pct={100 * share:.3f} ids_identical={str(same).lower()}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -262,6 +262,14 @@ class RunDir:
         return final
 
 
+def parameter_names(model) -> dict[int, list[str]]:
+    """id(parameter) -> every name the model gives it (a tied parameter has several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
 def save_weights(model, path: Path, weights: dict | None = None) -> None:
     """model.safetensors from the model, or from a gathered full state dict of it (FSDP).
     Gathered tensors are copies, so tied names no longer share storage for safetensors to
@@ -272,11 +280,8 @@ def save_weights(model, path: Path, weights: dict | None = None) -> None:
     if weights is None:
         save_model(model, str(path))
         return
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
     weights, dropped = dict(weights), {}
-    for tied in names.values():
+    for tied in parameter_names(model).values():
         keep, *rest = sorted(tied)
         for name in rest:
             weights.pop(name, None)

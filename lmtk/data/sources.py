@@ -138,13 +138,17 @@ class Source:
         return h.hexdigest()[:16]
 
     def approx_chars(self) -> int | None:
-        """About how many characters documents() reads over both splits (file sizes, capped by
-        data.max_chars), for progress and ETA; None when unknown (a HF dataset)."""
+        """About how many characters documents() reads over both splits, for progress and ETA:
+        plain-text file sizes (bytes: a little high for non-ASCII text), capped by data.max_chars
+        (per split when the val files are given). None when unknown: HF datasets, and .jsonl /
+        .parquet files, whose size says little about their text."""
         files = getattr(self, "files", None)
-        if files is None:
-            return self.cfg.max_chars
-        total = sum(f.stat().st_size for f in files + (getattr(self, "val_files", None) or []))
-        return min(total, self.cfg.max_chars) if self.cfg.max_chars is not None else total
+        cap = self.cfg.max_chars
+        val_files = getattr(self, "val_files", None) or []
+        if files is None or any(f.suffix in (".jsonl", ".parquet") for f in files + val_files):
+            return None
+        total = sum(f.stat().st_size for f in files + val_files)
+        return total if cap is None else min(total, cap * (2 if val_files else 1))
 
     def _hf_rows(self, split: str) -> Iterator[str]:
         import datasets
