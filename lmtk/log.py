@@ -67,7 +67,7 @@ class ConsoleSink:
         if self.live:
             self.progress.update(self.task, completed=min(frac, 1.0), eta=_fmt_eta(eta_s), stats=stats)
         else:
-            console.print(f"{self.title} {100 * frac:5.1f}%  {stats}  ETA {_fmt_eta(eta_s)}")
+            console.print(f"{self.title} {100 * min(frac, 1.0):5.1f}%  {stats}  ETA {_fmt_eta(eta_s)}")
 
     def log(self, metrics: dict, step: int) -> None:
         if any(k.startswith("val/") for k in metrics):

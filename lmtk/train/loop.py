@@ -357,7 +357,7 @@ def fit(job: Job) -> dict:
                 }
                 sinks.log(last_metrics, state.step)
                 f = budget.fraction(state)
-                eta = state.seconds * (1 - f) / f if f > 0 else float("nan")
+                eta = state.seconds * max(0.0, 1 - f) / f if f > 0 else float("nan")  # the last step may pass 100%
                 sinks.console.progress_update(f, eta, last_metrics, state.step)
                 loss_sum.zero_()
                 loss_count.zero_()
