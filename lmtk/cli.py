@@ -39,6 +39,11 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
     recipe, overrides = _split(args)
     cfg = compose(recipe, overrides)
     if cfg.launcher.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from lmtk import device as devices
+        from lmtk.train.pretrain import check_parallel
+
+        # bad settings fail here with one line, not once per rank under torchrun
+        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision)[1])
         # sugar for: torchrun --standalone --nproc_per_node=N -m lmtk train ...
         rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.launcher.nproc}",

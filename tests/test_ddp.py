@@ -172,3 +172,25 @@ def test_fsdp_refuses_fp16(world):
     assert "error: precision=fp16 does not work with launcher.strategy=fsdp; use precision=bf16 (or fp32)" in p.stderr
     assert "/lmtk/" not in p.stderr  # no traceback from lmtk (torchrun prints its own for any failed worker)
     assert not (runs / "fsdp-fp16").exists()
+
+
+def test_launcher_checks_settings_before_starting_any_rank(tmp_path):
+    env = dict(os.environ, LMTK_RUNS=str(tmp_path / "runs"), LMTK_CACHE=str(tmp_path / "cache"))
+    for args, expect in [
+        (["launcher.strategy=fsdp", "precision=fp16", "device=cpu"], "error: precision=fp16 does not work with launcher.strategy=fsdp"),
+        (["train.batch_size=6", "train.micro_batch_size=2", "device=cpu"], "error: train.batch_size=6 is not a multiple of train.micro_batch_size x ranks (2 x 4)"),
+    ]:
+        p = subprocess.run([sys.executable, "-m", "lmtk", "train", "launcher.nproc=4", *args], env=env, capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.strip().startswith(expect), p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1  # one line: no rank ever started
+    assert not (tmp_path / "runs").exists()
+
+
+def test_global_batch_below_one_micro_batch_per_rank_lowers_the_micro_batch():
+    from lmtk.config import compose
+    from lmtk.train.pretrain import check_parallel
+
+    cfg = compose("default", ["train.batch_size=8", "train.micro_batch_size=8"])
+    assert "8 -> 4" in check_parallel(cfg, 2, torch.float32) and cfg.train.micro_batch_size == 4
+    cfg = compose("default", ["train.batch_size=8", "train.micro_batch_size=2"])
+    assert check_parallel(cfg, 2, torch.float32) is None and cfg.train.micro_batch_size == 2

@@ -54,6 +54,26 @@ def prepare_data(cfg, root):
     return tok, cache
 
 
+def check_parallel(cfg, world: int, dtype) -> str | None:
+    """The batch and precision settings against `world` ranks (also checked before `launcher.nproc`
+    starts any process). A global batch that gives each rank less than one micro-batch lowers
+    train.micro_batch_size to what each rank gets (returned as a note); other mismatches are errors."""
+    tc, note = cfg.train, None
+    if world > 1 and cfg.launcher.strategy == "fsdp" and dtype == torch.float16:
+        # The GradScaler would find non-finite gradients per shard, so ranks could disagree on skipping a step.
+        raise UserError("precision=fp16 does not work with launcher.strategy=fsdp; use precision=bf16 (or fp32)")
+    if world > 1 and tc.batch_size % world == 0 and tc.micro_batch_size * world > tc.batch_size:
+        note = (f"train.micro_batch_size {tc.micro_batch_size} -> {tc.batch_size // world}: "
+                f"train.batch_size={tc.batch_size} is global, split over {world} ranks")
+        tc.micro_batch_size = tc.batch_size // world
+    if tc.batch_size % (tc.micro_batch_size * world):
+        raise UserError(
+            f"train.batch_size={tc.batch_size} is not a multiple of train.micro_batch_size x ranks "
+            f"({tc.micro_batch_size} x {world})"
+        )
+    return note
+
+
 def run(cfg, recipe: str, overrides: list[str]) -> dict:
     from lmtk import dist as distributed
 
@@ -62,14 +82,9 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
     try:
         if dist.enabled and dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
-        if dist.fsdp and dtype == torch.float16:
-            # The GradScaler would find non-finite gradients per shard, so ranks could disagree on skipping a step.
-            raise UserError("precision=fp16 does not work with launcher.strategy=fsdp; use precision=bf16 (or fp32)")
-        if cfg.train.batch_size % (cfg.train.micro_batch_size * dist.world):
-            raise UserError(
-                f"train.batch_size={cfg.train.batch_size} is not a multiple of train.micro_batch_size x ranks "
-                f"({cfg.train.micro_batch_size} x {dist.world})"
-            )
+        note = check_parallel(cfg, dist.world, dtype)
+        if note and dist.main:
+            console.print(note)
         return _run(cfg, recipe, overrides, dev, dtype, dist)
     finally:
         distributed.shutdown()
