@@ -21,3 +21,10 @@ def resolve(device: str, precision: str) -> tuple[torch.device, torch.dtype]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.device(device), DTYPES[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to `dtype` for the forward pass; fp32 runs with autocast off."""
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)

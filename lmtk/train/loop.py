@@ -10,7 +10,6 @@ position is one integer, so a resumed run replays exactly what an uninterrupted 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import resource
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmtk.device import autocast
 from lmtk.errors import UserError
 from lmtk.train.budget import Budget, TrainState, micro_steps
 from lmtk.train.optim import build_optimizer
@@ -87,43 +87,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@torch.no_grad()
 def evaluate(job: Job, model=None) -> dict:
-    """val/<objective>_loss and _bpb on a fixed number of validation tokens, fixed masking seed."""
-    model = model or job.model
+    """val/<objective>_loss and _bpb on a fixed number of validation tokens, fixed masking seed
+    (lmtk.eval.lm: the same numbers `lmtk eval` reports)."""
+    from lmtk.eval.lm import lm_metrics
+
     # Rank 0 validates alone, except under FSDP: there every forward is a collective (the
     # all-gathers), so all ranks run the same batches and get the same numbers.
     if job.val_data is None or (job.dist is not None and not job.dist.main and not job.dist.fsdp):
         return {}
-    was_training = model.training
-    model.eval()
-    out = {}
-    mb = job.cfg.train.micro_batch_size
-    for name, obj in job.val_objectives.items():
-        nats = 0.0
-        n = 0
-        nbytes = 0
-        gen = torch.Generator(job.device).manual_seed(job.cfg.seed + 12345)
-        for batch in job.val_data.ordered(job.cfg.val.tokens, mb):
-            batch = batch.to(job.device)
-            with _autocast(job):
-                nll, targets = obj.nll(model, batch, gen)
-            nats += nll.double().sum().item()
-            n += nll.numel()
-            nbytes += int(job.token_bytes[targets.cpu().numpy()].sum())
-        out[f"val/{name}_loss"] = nats / max(1, n)
-        out[f"val/{name}_bpb"] = nats / math.log(2) / max(1, nbytes)
+    m = lm_metrics(model or job.model, job.val_objectives, job.val_data, tokens=job.cfg.val.tokens,
+                   batch_size=job.cfg.train.micro_batch_size, device=job.device, dtype=job.dtype,
+                   seed=job.cfg.seed + 12345, token_bytes=job.token_bytes)
+    out = {f"val/{k}": v for k, v in m.items()}
     main = job.objective.val_key
     if f"val/{main}_loss" in out:
         out["val/loss"], out["val/bpb"] = out[f"val/{main}_loss"], out[f"val/{main}_bpb"]
-    model.train(was_training)
     return out
-
-
-def _autocast(job: Job):
-    if job.dtype == torch.float32:
-        return torch.autocast(job.device.type, enabled=False)
-    return torch.autocast(job.device.type, dtype=job.dtype)
 
 
 def _peak_tflops(cfg, device: torch.device) -> float | None:
@@ -295,7 +275,7 @@ def fit(job: Job) -> dict:
                     batch = job.train_data.get(first, mbs, pin=pin).to(device, non_blocking=True)
                     gen = torch.Generator(device).manual_seed(step_seed(cfg.seed, state.step, micro * world + dist.rank))
                     with step_model.sync(micro == n_micro - 1):
-                        with _autocast(job):  # forward only: backward runs in the forward's dtypes
+                        with autocast(job.device, job.dtype):  # forward only: backward runs in the forward's dtypes
                             loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
                         scaled = loss / n_micro
                         (scaler.scale(scaled) if scaler else scaled).backward()

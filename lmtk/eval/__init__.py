@@ -1,0 +1,1 @@
+"""Evaluation: one path for training's validation and (later) `lmtk eval`."""
