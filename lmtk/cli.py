@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from typing import List, Optional
 
@@ -42,13 +41,12 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
         from lmtk import device as devices
         from lmtk.train.pretrain import check_parallel
 
-        # bad settings fail here with one line, not once per rank under torchrun
+        from lmtk.launch import launch
+
+        # bad settings fail here with one line, not once per rank
         check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision)[1])
-        # sugar for: torchrun --standalone --nproc_per_node=N -m lmtk train ...
         rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.launcher.nproc}",
-               "-m", "lmtk", "train", recipe, *rest]
-        raise typer.Exit(subprocess.call(cmd))
+        raise typer.Exit(launch(cfg.launcher.nproc, ["train", recipe, *rest]))
     run(cfg, recipe, overrides)
 
 
@@ -124,11 +122,11 @@ def generate(
     """Continue a prompt with a trained model (causal LM), or fill its [MASK]s (masked LM)."""
     import torch
 
+    from lmtk import checkpoint
     from lmtk.models import infer
-    from lmtk.runs import load_pretrained
 
-    model, tok, meta = load_pretrained(run, root=root or os.environ.get("LMTK_RUNS", "runs"))
-    shift = 1 if meta.get("objective") == "gpt-bert" else 0
+    model, tok, meta = checkpoint.load_pretrained(run, root=root or os.environ.get("LMTK_RUNS", "runs"))
+    shift = checkpoint.masked_shift(meta)
     if fill_mask:
         if "[MASK]" not in prompt:
             raise UserError("--fill-mask needs a prompt with [MASK] in it")
@@ -142,8 +140,8 @@ def generate(
     else:
         ids = tok.encode(prompt) or [tok.eos_id]
         gen = torch.Generator().manual_seed(seed)
-        max_len = model.cfg.max_seq_len if model.cfg.positions == "learned" else None
-        out = infer.generate(model, torch.tensor([ids]), max_new, temperature, top_k or None, gen, max_len)
+        # past max_seq_len the model sees the last max_seq_len tokens (a sliding window)
+        out = infer.generate(model, torch.tensor([ids]), max_new, temperature, top_k or None, gen, model.cfg.max_seq_len)
     typer.echo(tok.decode(out[0].tolist()))
 
 
@@ -169,7 +167,8 @@ def main() -> None:
         from lmtk.train.loop import Interrupted
 
         if isinstance(err, Interrupted):
-            print(str(err), file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # data-parallel: rank 0 speaks for all
+                print(str(err), file=sys.stderr)
             sys.exit(err.exit_code)
         if type(err).__name__ == "Abort":
             print("aborted", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Iterable
@@ -122,7 +123,13 @@ def validate(raw: DictConfig, extras: Iterable[str] = ()) -> DictConfig:
     """Merge onto the typed schema (unknown keys, wrong types) and check the choices."""
     added = {}
     OmegaConf.set_struct(raw, False)
+    sections = {f.name for f in dataclasses.fields(Config)}
     for key in extras:
+        if key.split(".")[0] in sections:  # `+new.key` adds sections of the user's own, never keys lmtk ignores
+            top = key.split(".")[0]
+            known = [f"{top}.{k}" for k in _flat_keys(OmegaConf.to_container(OmegaConf.structured(Config))[top])] \
+                if isinstance(OmegaConf.select(OmegaConf.structured(Config), top), DictConfig) else [top]
+            raise UserError(f"unknown config key '{key}'{suggest(key, known)}")
         added[key] = OmegaConf.select(raw, key)
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(raw, parent) if parent else raw
@@ -172,12 +179,23 @@ def _check(cfg) -> None:
         raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
         raise UserError("rope needs an even head dimension (model.d_model / model.n_heads)")
-    if m.positions == "learned" and cfg.data.seq_len > m.max_seq_len:
+    if m.positions in ("learned", "sinusoidal") and cfg.data.seq_len > m.max_seq_len:
+        # both position tables have max_seq_len rows
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if not 0 < cfg.objective.mask_rate < 1:
         raise UserError("objective.mask_rate must be between 0 and 1")
     if cfg.data.seq_len < 2:
         raise UserError("data.seq_len must be at least 2")
+    for key in ("logger.every",):
+        if OmegaConf.select(cfg, key) < 1:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
+    for key in ("val.every", "checkpoint.every", "checkpoint.keep", "val.tokens"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)} must not be negative")
+    r = cfg.resume
+    if isinstance(r, bool) and r or not isinstance(r, (bool, str)) and r is not None:
+        raise UserError(f"resume={str(r).lower()} is not a choice: resume=auto continues run.name from its latest checkpoint, "
+                        "resume=PATH starts from a checkpoint (or run) directory")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -100,7 +100,7 @@ def shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
 def _param_names(model: torch.nn.Module, opt) -> list[list[str]]:
     """For the optimizer's i-th parameter (state_dict order), every name the model gives it
     (a tied parameter has several)."""
-    from lmtk.runs import parameter_names
+    from lmtk.checkpoint import parameter_names
 
     names = parameter_names(model)
     return [names[id(p)] for g in opt.param_groups for p in g["params"]]

@@ -1,19 +1,16 @@
-"""RunDir: one directory per run, the only place lmtk writes.
+"""RunDir: one directory per run, the only place lmtk writes; and the listing of runs.
 
 runs/<name>/
   run.json  config.yaml  overrides.yaml  tokenizer.json  model.json  metrics.jsonl
-  checkpoints/step-000500/{model.safetensors, state.pt, meta.json}   checkpoints/final/
+  checkpoints/step-000500/   checkpoints/final/    (the format: lmtk/checkpoint.py)
 
-Checkpoints are written to a temporary directory, fsynced, then renamed: a directory
-named step-N or final is always complete. meta.json carries sha256 checksums that are
-verified on load. Weights load only through safetensors, trainer state only through
-torch.load(weights_only=True): nothing in a run directory can execute code.
+The run directory owns the lock, run.json (status, history) and where checkpoints go;
+what is inside a checkpoint, and loading one, is lmtk.checkpoint's business.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lmtk.checkpoint import write_atomic
 from lmtk.errors import UserError
 
 CKPT_RE = re.compile(r"^step-(\d+)$")
@@ -33,31 +31,6 @@ CKPT_RE = re.compile(r"^step-(\d+)$")
 
 def _now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _git_sha() -> str | None:
@@ -212,6 +185,14 @@ class RunDir:
             info["resumed"] = info.get("resumed", 0) + 1
         write_atomic(self.path / "run.json", json.dumps(info, indent=2, default=str))
 
+    def add_history(self, **entry) -> None:
+        """Append to run.json's history: each resume, at which step, with which overrides and
+        which (allowed) config changes."""
+        info = self.info()
+        command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+        info.setdefault("history", []).append({"at": _now(), "command": command, **entry})
+        write_atomic(self.path / "run.json", json.dumps(info, indent=2, default=str))
+
     def finish(self, status: str, **fields) -> None:
         self.update_info(status=status, updated=_now(), **fields)
 
@@ -227,66 +208,16 @@ class RunDir:
         ckpts = self.checkpoints()
         return ckpts[-1] if ckpts else None
 
-    def save_checkpoint(self, tag: str, model, state: dict, meta: dict, keep: int | None = None, weights: dict | None = None) -> Path:
-        """Write checkpoints/<tag>/ atomically; rotate step checkpoints down to `keep`.
-        `weights`: the full state dict when the model itself is sharded (FSDP)."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        final = self.ckpt_dir / tag
-        tmp = self.ckpt_dir / f".tmp-{tag}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            save_weights(model, tmp / "model.safetensors", weights)
-            torch.save(state, tmp / "state.pt")
-            for f in ("model.safetensors", "state.pt"):
-                with open(tmp / f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            meta = dict(meta, checksums={f: _sha256(tmp / f) for f in ("model.safetensors", "state.pt")}, saved=_now())
-            write_atomic(tmp / "meta.json", json.dumps(meta, indent=2, default=str))
-            _fsync_dir(tmp)
-            if final.exists():  # replacing (e.g. final/ after a resume): move the old one aside first
-                old = self.ckpt_dir / f".old-{tag}-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.ckpt_dir)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            hint = " (disk full: free space or raise checkpoint.every)" if err.errno == 28 else ""
-            raise UserError(f"could not save checkpoint {tag}: {err.strerror}{hint}; earlier checkpoints are intact") from None
+    def save_checkpoint(self, tag: str, model, state: dict, meta: dict, *, tokenizer: str, config: str,
+                        keep: int | None = None, weights: dict | None = None) -> Path:
+        """Write checkpoints/<tag>/ (lmtk.checkpoint.write); rotate step checkpoints down to `keep`."""
+        from lmtk import checkpoint
+
+        final = checkpoint.write(self.ckpt_dir / tag, model, state, meta, tokenizer=tokenizer, config=config, weights=weights)
         if keep is not None and keep > 0:
             for old in self.checkpoints()[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
-
-
-def parameter_names(model) -> dict[int, list[str]]:
-    """id(parameter) -> every name the model gives it (a tied parameter has several)."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return names
-
-
-def save_weights(model, path: Path, weights: dict | None = None) -> None:
-    """model.safetensors from the model, or from a gathered full state dict of it (FSDP).
-    Gathered tensors are copies, so tied names no longer share storage for safetensors to
-    detect: drop them by the model's own ties, keeping the name save_model keeps (the first
-    in sorted order), so the file is the same whichever strategy wrote it."""
-    from safetensors.torch import save_file, save_model
-
-    if weights is None:
-        save_model(model, str(path))
-        return
-    weights, dropped = dict(weights), {}
-    for tied in parameter_names(model).values():
-        keep, *rest = sorted(tied)
-        for name in rest:
-            weights.pop(name, None)
-            dropped[name] = keep
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata=dropped or None)
 
 
 def _alive(pid: int) -> bool:
@@ -297,51 +228,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory from a path: the checkpoint itself, a run (its latest), or final/."""
-    p = Path(path).expanduser()
-    if (p / "meta.json").is_file():
-        return p
-    run = RunDir(p)
-    for cand in (run.latest_checkpoint(), run.ckpt_dir / "final"):
-        if cand is not None and (cand / "meta.json").is_file():
-            return cand
-    raise UserError(f"no checkpoint at {path} (expected a directory with meta.json, or a run with checkpoints)")
-
-
-def read_checkpoint_meta(ckpt: Path) -> dict:
-    try:
-        return json.loads((ckpt / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {ckpt} has an unreadable meta.json ({err}); use an earlier checkpoint") from None
-
-
-def verify_checkpoint(ckpt: Path) -> dict:
-    meta = read_checkpoint_meta(ckpt)
-    for f, digest in meta.get("checksums", {}).items():
-        p = ckpt / f
-        if not p.is_file() or _sha256(p) != digest:
-            raise UserError(f"checkpoint file {p} is missing or corrupted (checksum mismatch); use an earlier checkpoint")
-    return meta
-
-
-def load_weights(model, ckpt: Path) -> None:
-    from safetensors.torch import load_model
-
-    try:
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
-    except Exception as err:
-        raise UserError(f"checkpoint {ckpt} does not fit this model: {str(err).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise UserError(
-            f"checkpoint {ckpt} is for a different architecture (missing {len(missing)}, unexpected {len(unexpected)} tensors)"
-        )
-
-
-def load_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
 
 
 def list_runs(root) -> list[dict]:
@@ -377,29 +263,3 @@ def list_runs(root) -> list[dict]:
         out.append(row)
     out.sort(key=lambda r: r.get("created") or "")
     return out
-
-
-def load_pretrained(path, root=None):
-    """(model, tokenizer, meta) from a run name, run directory or checkpoint directory.
-
-    Weights come from the checkpoint (final/ or the latest step) through safetensors;
-    meta.json says which objective trained it (models.infer needs its masked convention)."""
-    from lmtk.data.tokenizer import Tokenizer
-    from lmtk.models import ModelConfig, build_model
-
-    p = Path(path).expanduser()
-    if not p.exists() and root is not None:
-        p = runs_root(root) / str(path)
-    if not p.exists():
-        raise UserError(f"no run named '{path}' (looked in {runs_root(root) if root else Path.cwd()}); `lmtk runs` lists them")
-    ckpt = p if (p / "meta.json").is_file() else None
-    if ckpt is None:
-        run = RunDir(p)
-        final = run.ckpt_dir / "final"
-        ckpt = final if (final / "meta.json").is_file() else resolve_checkpoint(p)
-    meta = verify_checkpoint(ckpt)
-    model = build_model(ModelConfig.from_dict(meta["model"]))
-    load_weights(model, ckpt)
-    model.eval()
-    tok = Tokenizer.from_file(ckpt.parent.parent / "tokenizer.json")
-    return model, tok, meta

@@ -98,7 +98,7 @@ def test_fsdp_two_ranks_equal_one_process(world, fsdp_run):
     assert oa["param_groups"] == ob["param_groups"] and sorted(oa["state"]) == sorted(ob["state"])
     assert all(torch.allclose(oa["state"][i][k], ob["state"][i][k], atol=1e-5) for i in oa["state"] for k in oa["state"][i])
     # and it loads in one process without torch.distributed
-    from lmtk.runs import load_pretrained
+    from lmtk.checkpoint import load_pretrained
 
     model, _, meta = load_pretrained(fsdp_run)
     assert meta["step"] == 6 and model.head.weight is model.embed.weight

@@ -119,7 +119,7 @@ TINY = [
 
 @pytest.mark.parametrize("recipe", ["antlm", "gpt-bert"])
 def test_hybrid_runs_learn_both_ways_and_log_phases(recipe, tmp_path, monkeypatch):
-    from lmtk.runs import load_pretrained
+    from lmtk.checkpoint import load_pretrained
     from lmtk.train.pretrain import run
 
     monkeypatch.setenv("LMTK_RUNS", str(tmp_path / "runs"))
@@ -138,7 +138,7 @@ def test_hybrid_runs_learn_both_ways_and_log_phases(recipe, tmp_path, monkeypatc
 
     # usable as a causal LM and as a masked LM
     model, tok, meta = load_pretrained(recipe, root=tmp_path / "runs")
-    shift = 1 if meta["objective"] == "gpt-bert" else 0
+    shift = meta["objective"]["masked_shift"]
     text = "def __init__(self, name):\n        self.name = name\n        return None\n"
     ids = torch.tensor([tok.encode(text)])
     shuffled = ids[:, torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))]

@@ -11,7 +11,8 @@ import yaml
 import helpers
 from lmtk.data.tokenizer import Tokenizer
 from lmtk.models import ModelConfig, build_model
-from lmtk.runs import load_state, load_weights, verify_checkpoint
+from lmtk.checkpoint import load_state, load_weights
+from lmtk.checkpoint import verify as verify_checkpoint
 
 
 def test_run_json(clm_run):
@@ -74,12 +75,16 @@ def test_metrics_jsonl(clm_run):
 
 def test_final_checkpoint(clm_run):
     final = clm_run / "checkpoints" / "final"
-    assert {p.name for p in final.iterdir()} == {"model.safetensors", "state.pt", "meta.json"}
+    files = {"model.safetensors", "state.pt", "tokenizer.json", "config.yaml"}
+    assert {p.name for p in final.iterdir()} == files | {"meta.json"}
     meta = json.loads((final / "meta.json").read_text())
     for name, digest in meta["checksums"].items():
         assert hashlib.sha256((final / name).read_bytes()).hexdigest() == digest
-    assert set(meta["checksums"]) == {"model.safetensors", "state.pt"}
-    assert meta["step"] == 60 and meta["objective"] == "clm" and meta["tag"] == "final"
+    assert set(meta["checksums"]) == files
+    # it stands alone: the run's tokenizer and config travel with it
+    assert (final / "tokenizer.json").read_text() == (clm_run / "tokenizer.json").read_text()
+    assert (final / "config.yaml").read_text() == (clm_run / "config.yaml").read_text()
+    assert meta["step"] == 60 and meta["objective"] == {"name": "clm", "masked_shift": 0} and meta["tag"] == "final"
     assert meta["model"] == json.loads((clm_run / "model.json").read_text())
     assert verify_checkpoint(final)["step"] == 60
     # the weights load (strictly) into the model described by model.json
@@ -109,3 +114,18 @@ def test_checksum_mismatch_is_detected(clm_run, tmp_path):
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(UserError, match="checksum"):
         verify_checkpoint(copy)
+
+
+def test_a_copied_checkpoint_stands_alone(clm_run, tmp_path):
+    """A checkpoint directory copied away from its run gives the same generation by path."""
+    import shutil
+
+    elsewhere = tmp_path / "elsewhere" / "final"
+    shutil.copytree(clm_run / "checkpoints" / "final", elsewhere)
+    args = ["-p", "def main(", "-n", "20", "--temperature", "0"]
+    by_run = helpers.cli("generate", str(clm_run), *args)
+    shutil.rmtree(clm_run / "checkpoints" / "final")  # nothing may be read from the run any more
+    shutil.copytree(elsewhere, clm_run / "checkpoints" / "final")
+    by_path = helpers.cli("generate", str(elsewhere), *args)
+    assert by_run.exit_code == 0 and by_path.exit_code == 0, by_path.output
+    assert by_path.output == by_run.output and by_path.output.startswith("def main(")

@@ -52,6 +52,10 @@ class Tokenizer:
     def to_str(self) -> str:
         return self.tk.to_str()
 
+    def to_json(self) -> str:
+        """The text of the tokenizer.json that save() writes."""
+        return self.tk.to_str(pretty=True)
+
     def fingerprint(self) -> str:
         return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
 

@@ -59,6 +59,9 @@ class Job:
     model_meta: dict = field(default_factory=dict)
     resume_from: Any = None  # checkpoint directory or None
     dist: Any = None  # lmtk.dist.Dist; None: single process
+    tokenizer_json: str = ""  # saved into every checkpoint, so it stands alone
+    data_meta: dict = field(default_factory=dict)  # token counts of the data, checked on resume
+    scaler: Any = None  # set by fit: the GradScaler under fp16
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -117,12 +120,18 @@ def _peak_tflops(cfg, device: torch.device) -> float | None:
 
 
 class _Signals:
-    """First Ctrl-C / SIGTERM: finish the step and checkpoint. Second: exit at once."""
+    """First Ctrl-C / SIGTERM: finish the step and checkpoint. Second: exit at once (rank 0
+    marks the run interrupted and releases its lock first). Only rank 0 speaks. A repeat
+    within a second is the same Ctrl-C delivered twice (a hand-run torchrun forwards the
+    terminal's SIGINT to workers that already got it), not a second one."""
 
-    def __init__(self, on_force=None):
+    REPEAT_S = 1.0
+
+    def __init__(self, job: Job, main: bool = True):
         self.signum = None
         self.previous = {}
-        self.on_force = on_force
+        self.job, self.main = job, main
+        self.first_at = 0.0
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -134,13 +143,18 @@ class _Signals:
 
     def _handle(self, signum, frame):
         if self.signum is None:
-            self.signum = signum
-            print("stopping after this step to write a checkpoint (signal again to exit at once)", file=sys.stderr)
+            self.signum, self.first_at = signum, time.monotonic()
+            if self.main:
+                print("stopping after this step to write a checkpoint (signal again to exit at once)", file=sys.stderr, flush=True)
             return
-        print("interrupted (second Ctrl-C): stopped at once, without a checkpoint", file=sys.stderr, flush=True)
+        if time.monotonic() - self.first_at < self.REPEAT_S:
+            return
         try:
-            if self.on_force:
-                self.on_force()
+            if self.main:
+                print("interrupted (second Ctrl-C): stopped at once, without a checkpoint", file=sys.stderr, flush=True)
+            if self.job.run is not None:
+                self.job.run.finish("interrupted")
+                self.job.run.unlock()
         finally:
             os._exit(128 + signum)
 
@@ -200,14 +214,36 @@ class _StepModel:
         return self.ddp.no_sync()
 
 
-def fit(job: Job) -> dict:
-    from lmtk.dist import Dist
+class _Clock:
+    """Training time: wall time with the pauses (validation, checkpoints) taken out, so a
+    wall-clock budget buys the same training whatever the evaluation cadence. Data-parallel
+    ranks agree on the slowest rank's time every step (agree())."""
 
-    cfg, model, run, sinks, device = job.cfg, job.model, job.run, job.sinks, job.device
-    dist = job.dist or Dist()
-    tc = cfg.train
+    def __init__(self, seconds_before: float):
+        self.before = seconds_before
+        self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
+
+    def agree(self, seconds: float) -> None:
+        self.t0 = time.perf_counter() - (seconds - self.before)
+
+
+def _prepare(job: Job, dist):
+    """Model on the device (sharded under FSDP), optimizer, GradScaler, restored state, and
+    the model as the objectives see it during training (DDP-wrapped when data-parallel)."""
+    model, device, tc = job.model, job.device, job.cfg.train
     if job.resume_from is not None:
-        from lmtk.runs import load_weights
+        from lmtk.checkpoint import load_weights
 
         load_weights(model, job.resume_from)  # into the whole model, before FSDP shards it
     if dist.fsdp:
@@ -218,176 +254,207 @@ def fit(job: Job) -> dict:
         model.to(device)
     model.train()
     model.activation_checkpointing = tc.activation_checkpointing
-    opt = build_optimizer(model, cfg.optim, tc.lr, device)
+    opt = build_optimizer(model, job.cfg.optim, tc.lr, device)
     scaler = torch.amp.GradScaler(device.type) if job.dtype == torch.float16 else None
-    state = TrainState()
+    state = _restore(job, opt, scaler) if job.resume_from is not None else TrainState()
     if job.resume_from is not None:
-        state = _restore(job, opt, scaler)
-        sinks.console.message(f"resumed from {job.resume_from} at step {state.step}")
+        job.sinks.console.message(f"resumed from {job.resume_from} at step {state.step}")
     if tc.compile:
         t0 = time.perf_counter()
         model.compile_blocks()
-        sinks.console.message(f"torch.compile: blocks compiled lazily (set up in {time.perf_counter() - t0:.1f}s)")
+        job.sinks.console.message(f"torch.compile: blocks compiled lazily (set up in {time.perf_counter() - t0:.1f}s)")
     step_model = _StepModel(model)
     if dist.enabled and not dist.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         step_model = _StepModel(model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None))
+    return opt, scaler, state, step_model
+
+
+def _forward_backward(job: Job, step_model, state: TrainState, n_micro: int, frac: float, dist):
+    """The step's micro-batches, gradients accumulated. Returns (this rank's mean loss, the
+    objective's metrics)."""
+    mbs, world = job.cfg.train.micro_batch_size, dist.world
+    step_loss = torch.zeros((), device=job.device)
+    obj_metrics: dict = {}
+    try:
+        for micro in range(n_micro):
+            # Rank r takes the r-th slice of this global micro-batch and the same seed a
+            # single process would use for it: N ranks == one process accumulating N.
+            batch = job.train_data.get(state.samples + dist.rank * mbs, mbs, pin=job.device.type == "cuda")
+            batch = batch.to(job.device, non_blocking=True)
+            gen = torch.Generator(job.device).manual_seed(step_seed(job.cfg.seed, state.step, micro * world + dist.rank))
+            with step_model.sync(micro == n_micro - 1):
+                with autocast(job.device, job.dtype):  # forward only: backward runs in the forward's dtypes
+                    loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
+                scaled = loss / n_micro
+                (job.scaler.scale(scaled) if job.scaler else scaled).backward()
+            step_loss += loss.detach().float() / (n_micro * world)
+            state.samples += mbs * world
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory at train.micro_batch_size={mbs}; lower it (e.g. train.micro_batch_size={max(1, mbs // 2)}) "
+            "-- train.batch_size stays the same through gradient accumulation"
+        ) from None
+    return step_loss, obj_metrics
+
+
+def _agree(dist, step_loss: torch.Tensor, requested: int, clock: _Clock) -> int:
+    """Data-parallel ranks agree on the step's loss, on stopping (any rank's signal stops them
+    all at this same step) and on the clock (the slowest rank's). Returns the agreed signal."""
+    if not dist.enabled:
+        return requested
+    dist.all_reduce_(step_loss)
+    flags = torch.tensor([float(requested), clock.seconds()], device=step_loss.device)
+    dist.all_reduce_(flags, "max")
+    clock.agree(float(flags[1]))
+    return int(flags[0].item())
+
+
+def _optimizer_step(job: Job, opt, step_loss: torch.Tensor, gnorm: torch.Tensor) -> torch.Tensor:
+    """Apply the step unless the loss or gradient is non-finite; decided on the device (fused
+    AdamW reads found_inf; the GradScaler does the same for fp16). Returns whether the step
+    counts against guard.max_bad_steps: under fp16 only a non-finite loss does, since
+    gradient overflows are how the GradScaler calibrates its scale."""
+    bad = ~torch.isfinite(step_loss + gnorm)
+    if job.scaler:
+        job.scaler.step(opt)
+        job.scaler.update()
+        bad = ~torch.isfinite(step_loss)
+    else:
+        opt.found_inf = bad.float()
+        opt.step()
+        del opt.found_inf
+    opt.zero_grad(set_to_none=True)
+    return bad
+
+
+class _Meter:
+    """Mean training loss and tokens/s between log lines (device tensors: no host sync per step)."""
+
+    def __init__(self, device, state: TrainState, clock: _Clock):
+        self.loss_sum = torch.zeros((), device=device)
+        self.count = torch.zeros((), device=device)
+        self.tokens, self.seconds = state.tokens, clock.seconds()
+
+    def add(self, step_loss: torch.Tensor, bad: torch.Tensor) -> None:
+        self.loss_sum += torch.where(bad, 0.0, step_loss)
+        self.count += (~bad).float()
+
+    def read(self, state: TrainState, clock: _Clock) -> tuple[float, float]:
+        """(mean loss, tokens/s) since the last read; resets."""
+        now = clock.seconds()
+        loss = (self.loss_sum / self.count).item() if self.count.item() else float("nan")
+        tok_s = (state.tokens - self.tokens) / max(1e-9, now - self.seconds)
+        self.loss_sum.zero_()
+        self.count.zero_()
+        self.tokens, self.seconds = state.tokens, now
+        return loss, tok_s
+
+
+def fit(job: Job) -> dict:
+    """Train until the budget is spent (or a signal stops it); returns the run's summary."""
+    from lmtk.dist import Dist
+
+    cfg, sinks, device, tc = job.cfg, job.sinks, job.device, job.cfg.train
+    dist = job.dist or Dist()
+    opt, job.scaler, state, step_model = _prepare(job, dist)
     budget = Budget(cfg.budget, job.train_data.n)
-    L = cfg.data.seq_len
-    mbs = tc.micro_batch_size
-    world = dist.world
-    pin = device.type == "cuda"
+    clock = _Clock(state.seconds)
+    meter = _Meter(device, state, clock)
+    guard = _Guard(state, cfg.guard.max_bad_steps, device)
     peak = _peak_tflops(cfg, device)
-    flops_tok = model.flops_per_token(L, job.objective.head_fraction)
+    flops_tok = job.model.flops_per_token(cfg.data.seq_len, job.objective.head_fraction)
+    world, L = dist.world, cfg.data.seq_len
+    metrics: dict = {}
+    val_metrics: dict = {}
+    stop = 0
 
     if state.step == 0 and cfg.val.at_start:
-        sinks.log(evaluate(job), 0)
-
-    last_log_t, last_log_tokens = time.perf_counter(), state.tokens
-    loss_sum = torch.zeros((), device=device)
-    loss_count = torch.zeros((), device=device)
-    guard = _Guard(state, cfg.guard.max_bad_steps, device)
-    last_metrics: dict = {}
-    val_metrics: dict = {}
-    t_resume = time.perf_counter()
-    seconds_before = state.seconds
-    stop = None
-
-    def forced_exit():
-        if run is not None:
-            run.finish("interrupted")
-            run.unlock()
-
-    with _Signals(on_force=forced_exit) as sig:
-        while budget.fraction(state) < 1.0:
+        _validate(job, clock, state.step, dist)
+    with _Signals(job, main=dist.main) as sig:
+        while budget.fraction(state) < 1.0 and not stop:
             frac = budget.fraction(state)
             lr = tc.lr * lr_factor(cfg.schedule, frac)
             for g in opt.param_groups:
                 g["lr"] = lr
             n_micro = micro_steps(tc, frac, world)
-            step_loss = torch.zeros((), device=device)
-            try:
-                for micro in range(n_micro):
-                    # Rank r takes the r-th slice of this global micro-batch and the same seed a
-                    # single process would use for it: N ranks == one process accumulating N.
-                    first = state.samples + dist.rank * mbs
-                    batch = job.train_data.get(first, mbs, pin=pin).to(device, non_blocking=True)
-                    gen = torch.Generator(device).manual_seed(step_seed(cfg.seed, state.step, micro * world + dist.rank))
-                    with step_model.sync(micro == n_micro - 1):
-                        with autocast(job.device, job.dtype):  # forward only: backward runs in the forward's dtypes
-                            loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
-                        scaled = loss / n_micro
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                    step_loss += loss.detach().float() / (n_micro * world)
-                    state.samples += mbs * world
-            except torch.OutOfMemoryError:
-                raise UserError(
-                    f"out of GPU memory at train.micro_batch_size={mbs}; lower it (e.g. train.micro_batch_size={max(1, mbs // 2)}) "
-                    "-- train.batch_size stays the same through gradient accumulation"
-                ) from None
-            if scaler:
-                scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            step_loss, obj_metrics = _forward_backward(job, step_model, state, n_micro, frac, dist)
+            if job.scaler:
+                job.scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
             if dist.fsdp:  # a DTensor: the norm over all shards, the same on every rank
                 gnorm = gnorm.full_tensor()
-            if dist.enabled:  # every rank must agree on skipping, stopping and the clock
-                dist.all_reduce_(step_loss)
-                flags = torch.tensor([float(sig.signum or 0), time.perf_counter() - t_resume], device=device)
-                dist.all_reduce_(flags, "max")
-                if flags[0] > 0 and sig.signum is None:
-                    sig.signum = int(flags[0].item())
-                t_resume = time.perf_counter() - float(flags[1])
-            # Non-finite loss or gradient: skip the update. Decided on the device (fused AdamW reads
-            # found_inf; the GradScaler does the same for fp16), counted on the device, read on logging.
-            bad = ~torch.isfinite(step_loss + gnorm)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.found_inf = bad.float()
-                opt.step()
-                del opt.found_inf
+            stop = _agree(dist, step_loss, sig.signum or 0, clock)  # every rank acts on the agreed value
+            bad = _optimizer_step(job, opt, step_loss, gnorm)
             guard.update(bad)
-            loss_sum += torch.where(bad, 0.0, step_loss)
-            loss_count += (~bad).float()
-            opt.zero_grad(set_to_none=True)
+            meter.add(step_loss, bad)
             state.step += 1
-            state.tokens += n_micro * mbs * world * L
-            state.seconds = seconds_before + time.perf_counter() - t_resume
+            state.tokens += n_micro * tc.micro_batch_size * world * L
+            state.seconds = clock.seconds()
 
             done = budget.fraction(state) >= 1.0
             log_now = state.step % cfg.logger.every == 0 or done
-            if log_now or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
+            ckpt_now = bool(cfg.checkpoint.every) and state.step % cfg.checkpoint.every == 0 and not done
+            if log_now or ckpt_now:
                 guard.check(state)  # host sync: only on log and checkpoint steps
             if log_now:
-                now = time.perf_counter()
-                tok_s = (state.tokens - last_log_tokens) / max(1e-9, now - last_log_t)
-                last_metrics = {
-                    "loss": (loss_sum / loss_count).item() if loss_count.item() else float("nan"),
-                    "lr": lr,
-                    "grad_norm": float(gnorm),
-                    "tok/s": tok_s,
-                    "tokens": state.tokens,
-                    "batch": n_micro * mbs * world,
-                    "frac": budget.fraction(state),
-                    "skipped": state.skipped_steps,
-                    **obj_metrics,
-                    **({"mfu": flops_tok * tok_s / (peak * 1e12)} if peak else {}),
-                }
-                sinks.log(last_metrics, state.step)
+                loss, tok_s = meter.read(state, clock)
                 f = budget.fraction(state)
+                metrics = {
+                    "loss": loss, "lr": lr, "grad_norm": float(gnorm), "tok/s": tok_s, "tokens": state.tokens,
+                    "batch": n_micro * tc.micro_batch_size * world, "frac": f, "skipped": state.skipped_steps,
+                    **obj_metrics, **({"mfu": flops_tok * tok_s / (peak * 1e12)} if peak else {}),
+                }
+                sinks.log(metrics, state.step)
                 eta = state.seconds * max(0.0, 1 - f) / f if f > 0 else float("nan")  # the last step may pass 100%
-                sinks.console.progress_update(f, eta, last_metrics, state.step)
-                loss_sum.zero_()
-                loss_count.zero_()
-                last_log_t, last_log_tokens = time.perf_counter(), state.tokens
+                sinks.console.progress_update(f, eta, metrics, state.step)
             if cfg.val.every and state.step % cfg.val.every == 0 and not done:
-                t_pause = time.perf_counter()
-                val_metrics = evaluate(job)
-                sinks.log(val_metrics, state.step)
-                t_resume += time.perf_counter() - t_pause  # validation does not spend the budget
-                last_log_t += time.perf_counter() - t_pause  # nor lower the logged tok/s
-            if sig.signum is not None:
-                stop = sig.signum
-                break
-            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and not done:
-                t_pause = time.perf_counter()
-                save(job, f"step-{state.step:06d}", opt, scaler, state)
-                t_resume += time.perf_counter() - t_pause
-                last_log_t += time.perf_counter() - t_pause
+                val_metrics = _validate(job, clock, state.step, dist)
+            if ckpt_now and not stop:
+                with clock.paused():
+                    save(job, f"step-{state.step:06d}", opt, state)
 
     guard.check(state)
-    if stop is not None:
-        path = save(job, f"step-{state.step:06d}", opt, scaler, state)
+    if stop:
+        path = save(job, f"step-{state.step:06d}", opt, state)
         name = "SIGINT" if stop == signal.SIGINT else "SIGTERM"
-        raise Interrupted(stop, f"{name}: stopped at step {state.step}, checkpoint {path}; continue with resume=auto run.name={run.name}")
-
-    val_metrics = evaluate(job)
-    if val_metrics:
-        sinks.log(val_metrics, state.step)
-    save(job, "final", opt, scaler, state, rotate=False)
-    if device.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        raise Interrupted(stop, f"{name}: stopped at step {state.step}, checkpoint {path}; "
+                                f"continue with resume=auto run.name={cfg.run.name}")
+    val_metrics = _validate(job, clock, state.step, dist) or val_metrics
+    save(job, "final", opt, state, rotate=False)
     summary = {
-        "steps": state.step,
-        "tokens": state.tokens,
-        "tok/s": state.tokens / max(1e-9, state.seconds),
-        "train_seconds": state.seconds,
-        "peak_mem_gib": peak_mem,
-        "train_loss": last_metrics.get("loss"),
-        "skipped_steps": state.skipped_steps,
-        **{k: v for k, v in val_metrics.items()},
+        "steps": state.step, "tokens": state.tokens, "tok/s": state.tokens / max(1e-9, state.seconds),
+        "train_seconds": state.seconds, "peak_mem_gib": peak_memory_gib(device), "train_loss": metrics.get("loss"),
+        "skipped_steps": state.skipped_steps, **val_metrics,
     }
     if peak:
         summary["mfu"] = flops_tok * summary["tok/s"] / (peak * 1e12)
     return summary
 
 
-def save(job: Job, tag: str, opt, scaler, state: TrainState, rotate: bool = True) -> os.PathLike | None:
+def _validate(job: Job, clock: _Clock, step: int, dist) -> dict:
+    """Validation outside the training clock. Data-parallel ranks wait for rank 0 in a
+    barrier, paused too: waiting inside the next step's all-reduce would count it as training."""
+    with clock.paused():
+        metrics = evaluate(job)
+        if metrics:
+            job.sinks.log(metrics, step)
+        dist.barrier()
+    return metrics
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def save(job: Job, tag: str, opt, state: TrainState, rotate: bool = True) -> os.PathLike | None:
     """Rank 0 writes the checkpoint; the other ranks wait for it."""
+    from omegaconf import OmegaConf
+
     weights = optim = None
     if job.dist is not None and job.dist.fsdp:  # a collective: every rank gathers, rank 0 gets the full state
         from lmtk.dist import full_state
@@ -399,33 +466,29 @@ def save(job: Job, tag: str, opt, scaler, state: TrainState, rotate: bool = True
     payload = {
         "train": state.to_dict(),
         "optimizer": optim if optim is not None else opt.state_dict(),
-        "scaler": scaler.state_dict() if scaler else {},
+        "scaler": job.scaler.state_dict() if job.scaler else {},
         "rng": _rng_state(),
     }
-    meta = {"tag": tag, "step": state.step, "tokens": state.tokens, "model": job.model_meta, "objective": job.objective.name}
-    path = job.run.save_checkpoint(tag, job.model, payload, meta, keep=job.cfg.checkpoint.keep if rotate else None, weights=weights)
+    meta = {
+        "tag": tag, "step": state.step, "tokens": state.tokens, "model": job.model_meta,
+        "objective": {"name": job.objective.name, "masked_shift": job.objective.masked_shift},
+        "data": job.data_meta,
+    }
+    path = job.run.save_checkpoint(
+        tag, job.model, payload, meta, tokenizer=job.tokenizer_json, config=OmegaConf.to_yaml(job.cfg, resolve=True),
+        keep=job.cfg.checkpoint.keep if rotate else None, weights=weights,
+    )
     if job.dist is not None:
         job.dist.barrier()
     return path
 
 
-def check_resume(ckpt, model_meta: dict) -> int:
-    """Verify a checkpoint's checksums and that it fits the configured model. Returns its step."""
-    from lmtk.runs import verify_checkpoint
-
-    meta = verify_checkpoint(ckpt)
-    saved = meta.get("model", {})
-    diff = sorted(k for k in set(saved) | set(model_meta) if saved.get(k) != model_meta.get(k))
-    if diff:
-        show = ", ".join(f"{k}: {saved.get(k)} -> {model_meta.get(k)}" for k in diff[:4])
-        raise UserError(f"cannot resume from {ckpt}: the model config differs ({show}); resume with the checkpoint's model settings")
-    return int(meta["step"])
-
-
 def _restore(job: Job, opt, scaler) -> TrainState:
     """Optimizer, scaler, RNG and progress from a checkpoint already checked by check_resume
     (fit loaded the weights, before sharding)."""
-    payload = _load_state(job.resume_from)
+    from lmtk.checkpoint import load_state
+
+    payload = load_state(job.resume_from)
     if job.dist is not None and job.dist.fsdp:
         from lmtk.dist import load_optimizer
 
@@ -436,12 +499,3 @@ def _restore(job: Job, opt, scaler) -> TrainState:
         scaler.load_state_dict(payload["scaler"])
     _set_rng_state(payload["rng"])
     return TrainState(**payload["train"])
-
-
-def _load_state(ckpt):
-    from lmtk.runs import load_state
-
-    try:
-        return load_state(ckpt)
-    except Exception as err:
-        raise UserError(f"cannot load trainer state of {ckpt}: {str(err).splitlines()[0]}") from None

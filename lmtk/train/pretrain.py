@@ -17,26 +17,14 @@ from lmtk.errors import UserError
 from lmtk.log import console, make_sinks, null_sinks
 from lmtk.models import build_model, model_config
 from lmtk.objectives import build_objective
-from lmtk.runs import RunDir, resolve_checkpoint, runs_root, write_atomic
-from lmtk.train.loop import Interrupted, Job, check_resume, fit
+from lmtk.checkpoint import write_atomic
+from lmtk.runs import RunDir, runs_root
+from lmtk.train import resume
+from lmtk.train.loop import Interrupted, Job, fit
 
 
 def _run_name(cfg) -> str:
     return cfg.run.name or f"{cfg.recipe}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-
-
-def _resume_target(cfg, name: str):
-    """(run name, checkpoint or None) for resume=false|auto|PATH."""
-    if cfg.resume in (False, None, "false", "False"):
-        return name, None
-    root = runs_root(cfg.run.root)
-    if cfg.resume == "auto":
-        run = RunDir(root / name)
-        if run.info().get("status") == "done":
-            raise UserError(f"run '{name}' already finished; nothing to resume (run.overwrite=true starts it again)")
-        return name, run.latest_checkpoint()
-    ckpt = resolve_checkpoint(cfg.resume)
-    return (cfg.run.name or ckpt.parent.parent.name), ckpt
 
 
 def prepare_data(cfg, root):
@@ -93,7 +81,7 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
 def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     root = runs_root(cfg.run.root)
     name = dist.broadcast(_run_name(cfg))  # a timestamped default name must be the same on every rank
-    name, ckpt = _resume_target(cfg, name)
+    name, ckpt = resume.target(cfg, name)
     if not dist.main:
         dist.barrier()  # rank 0 trains the tokenizer and fills the cache; the others then read it
     tok, cache = prepare_data(cfg, root)
@@ -103,22 +91,26 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
 
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "model.vocab_size", mcfg.vocab_size)
+    data_meta = {"train_tokens": int(cache.meta["train_tokens"]), "val_tokens": int(cache.meta["val_tokens"])}
     # checks that refuse a resume before any run directory is created or changed
-    ckpt_step = check_resume(ckpt, mcfg.to_dict()) if ckpt is not None else 0
-    if ckpt is not None:
-        _check_tokenizer(ckpt.parent.parent, tok)
+    same = ckpt is not None and resume.same_run(cfg, name, ckpt)
+    ckpt_step, changes = resume.check(ckpt, cfg, mcfg.to_dict(), tok, data_meta, same) if ckpt is not None else (0, {})
     if not dist.main:  # only rank 0 writes the run directory
-        return _train(cfg, None, tok, cache, mcfg, dev, dtype, ckpt, dist)
-    rundir, existed = RunDir.prepare(root, name, resume=ckpt is not None or cfg.resume == "auto", overwrite=cfg.run.overwrite)
+        return _train(cfg, None, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta)
+    continuing = same or (ckpt is None and cfg.resume == "auto")
+    rundir, existed = RunDir.prepare(root, name, resume=continuing, overwrite=cfg.run.overwrite)
     try:
         rundir.truncate_metrics(ckpt_step)  # drop rows logged after the checkpoint we resume from
-        if not existed or ckpt is None:  # a new run (also one resumed from another run's checkpoint) gets its files
-            write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+        if not existed or not same:  # a new run (also one started from another run's checkpoint) gets its files
             write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
             copy_tokenizer(tok, rundir.file("tokenizer.json"))
             write_atomic(rundir.file("model.json"), json.dumps(mcfg.to_dict(), indent=2))
-        rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype, dist.world, dist.strategy), resumed=ckpt is not None)
-        summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist)
+        write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))  # kept true across resumes
+        rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype, dist.world, dist.strategy), resumed=same,
+                     parents={} if same or ckpt is None else {"resumed_from": str(ckpt)})
+        if ckpt is not None:
+            rundir.add_history(step=ckpt_step, overrides=overrides, changed={k: list(v) for k, v in changes.items()})
+        summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta)
         rundir.finish("done", summary=summary)
         return summary
     except (Interrupted, KeyboardInterrupt):
@@ -131,22 +123,13 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         rundir.unlock()
 
 
-def _check_tokenizer(run_path, tok) -> None:
-    saved = run_path / "tokenizer.json"
-    if saved.is_file() and saved.read_text() != tok.to_str():
-        from lmtk.data.tokenizer import Tokenizer
-
-        if Tokenizer.from_file(saved).fingerprint() != tok.fingerprint():
-            raise UserError(f"run '{run_path.name}' was trained with a different tokenizer; resume with its data and tokenizer settings")
-
-
 def _describe(dev: torch.device, dtype: torch.dtype, world: int = 1, strategy: str = "ddp") -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     ranks = f" x {world} ranks, {strategy}" if world > 1 else ""
     return f"{name}{ranks} ({str(dtype).replace('torch.', '')})"
 
 
-def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
+def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
@@ -165,6 +148,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
         cfg=cfg, model=model, objective=objective, train_data=train_data, val_data=val_data,
         val_objectives=val_objectives, token_bytes=tok.token_bytes(), run=rundir, sinks=sinks,
         device=dev, dtype=dtype, model_meta=mcfg.to_dict(), resume_from=ckpt, dist=dist,
+        tokenizer_json=tok.to_json(), data_meta=data_meta,
     )
     try:
         summary = fit(job)
