@@ -70,7 +70,7 @@ ROWS = [
     ("vocab-smaller-than-tokenizer", ["train", *TINY, "model.vocab_size=100"], "smaller than the tokenizer's vocabulary"),
     ("run-name-exists", ["train", *TINY, "run.name=done"], "run 'done' already exists"),
     ("resume-finished-run", ["train", *TINY, "run.name=done", "resume=auto"], "already finished"),
-    ("resume-changed-model", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "model.d_model=64"], "the model config differs (d_ff"),
+    ("resume-changed-model", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "model.d_model=64"], "cannot resume run 'done' with model.d_model=64: it was trained with model.d_model=32"),
     ("checkpoint-other-architecture", ["train", *TINY, "run.name=new", "resume={base}/runs/done/checkpoints/final", "model.n_layers=3"], "the model config differs (n_layers: 2 -> 3)"),
     ("resume-path-without-checkpoint", ["train", *TINY, "resume={base}/data"], "no checkpoint at"),
     ("cuda-absent", ["train", *TINY, "device=cuda"], "device=cuda but no CUDA GPU"),

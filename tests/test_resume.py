@@ -120,6 +120,73 @@ def test_resume_with_changed_model_is_refused(lmtk_env):
     (runs / "M" / "run.json").write_text(json.dumps(info))
     before = {f: (runs / "M" / f).read_bytes() for f in ("run.json", "metrics.jsonl", "config.yaml")}
     res = helpers.cli("train", *COMMON, "run.name=M", "resume=auto", "model.d_model=48")
-    assert res.exit_code != 0 and "cannot resume" in str(res.exception) and "d_model: 32 -> 48" in str(res.exception)
+    assert res.exit_code != 0 and "cannot resume run 'M' with model.d_model=48: it was trained with model.d_model=32" in str(res.exception)
     assert {f: (runs / "M" / f).read_bytes() for f in before} == before  # refused before touching the run
     assert os.path.isdir(runs / "M" / "checkpoints" / f"step-{N:06d}")
+
+
+def _interrupted_run(runs, name, *extra):
+    """A run of 2N steps with step checkpoints, its final/ removed and its status interrupted."""
+    helpers.train(*COMMON, f"run.name={name}", f"checkpoint.every={N}", "checkpoint.keep=5", *extra)
+    shutil.rmtree(runs / name / "checkpoints" / "final")
+    info = helpers.info(runs / name)
+    info["status"] = "interrupted"
+    (runs / name / "run.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("change,was", [
+    ("data.seq_len=16", "32"), ("seed=1", "0"), ("train.batch_size=16", "8"), ("train.micro_batch_size=4", "8"),
+    ("data.max_chars=400000", "500000"), ("objective.mask_rate=0.3", "0.15"), ("tokenizer.vocab_size=900", "1000"),
+])
+def test_resume_refuses_a_change_of_what_the_run_is(lmtk_env, change, was):
+    """Another data stream, seed, batch, objective or tokenizer would silently map the saved data
+    position to other windows: refused, naming the key and both values, before touching the run."""
+    runs = lmtk_env.runs
+    _interrupted_run(runs, "R")
+    before = {f: (runs / "R" / f).read_bytes() for f in ("run.json", "metrics.jsonl", "config.yaml")}
+    res = helpers.cli("train", *COMMON, "run.name=R", "resume=auto", change)
+    from lmtk.errors import UserError
+
+    assert isinstance(res.exception, UserError), res.output  # the CLI prints it as one line, exit 2
+    msg = str(res.exception)
+    key, now = change.split("=")
+    assert f"{key}={now}" in msg and f"{key}={was}" in msg, msg
+    assert {f: (runs / "R" / f).read_bytes() for f in before} == before
+
+
+def test_resume_records_allowed_changes(lmtk_env):
+    """A longer budget, another logging cadence or learning rate keep the run the same run:
+    allowed, recorded in run.json's history, and config.yaml says what the run now is."""
+    runs = lmtk_env.runs
+    _interrupted_run(runs, "H")
+    helpers.train(*COMMON, "run.name=H", "resume=auto", f"budget.steps={2 * N + 2}", "logger.every=2")
+    info = helpers.info(runs / "H")
+    assert info["status"] == "done" and info["summary"]["steps"] == 2 * N + 2
+    [entry] = info["history"]
+    assert entry["step"] == N  # resumed from the step-N checkpoint (the last before 2N)
+    assert entry["changed"] == {  # the checkpoint settings were not passed again: recorded as changed too
+        "budget.steps": [2 * N, 2 * N + 2], "logger.every": [1, 2], "checkpoint.every": [N, 0], "checkpoint.keep": [5, 2],
+    }
+    assert f"budget.steps={2 * N + 2}" in entry["overrides"]
+    cfg = (runs / "H" / "config.yaml").read_text()
+    assert f"steps: {2 * N + 2}" in cfg and "every: 2" in cfg
+
+
+def test_resume_at_a_step_between_log_lines(lmtk_env):
+    """Resuming from a checkpoint that is not on a logging step (logger.every=3, checkpoint at 4)
+    still replays the straight run: same weights, and the rows after the checkpoint are not doubled."""
+    runs = lmtk_env.runs
+    args = [*helpers.TINY, f"budget.steps={2 * N}", "logger.every=3", "schedule=cosine"]
+    helpers.train(*args, "run.name=S")
+    helpers.train(*args, "run.name=T", f"checkpoint.every={N}", "checkpoint.keep=5")
+    shutil.rmtree(runs / "T" / "checkpoints" / "final")
+    rows = [line for line in (runs / "T" / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= N + 1]
+    (runs / "T" / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    info = helpers.info(runs / "T")
+    info["status"] = "interrupted"
+    (runs / "T" / "run.json").write_text(json.dumps(info))
+    helpers.train(*args, "run.name=T", f"checkpoint.every={N}", "checkpoint.keep=5", "resume=auto")
+    _assert_same_weights(runs / "S", runs / "T")
+    steps_s = [m["step"] for m in helpers.metrics(runs / "S") if "loss" in m]
+    steps_t = [m["step"] for m in helpers.metrics(runs / "T") if "loss" in m]
+    assert steps_s == [3, 6, 8] and steps_t == steps_s

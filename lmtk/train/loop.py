@@ -121,11 +121,12 @@ def _peak_tflops(cfg, device: torch.device) -> float | None:
 
 class _Signals:
     """First Ctrl-C / SIGTERM: finish the step and checkpoint. Second: exit at once (rank 0
-    marks the run interrupted and releases its lock first). Only rank 0 speaks. A repeat
-    within a second is the same Ctrl-C delivered twice (a hand-run torchrun forwards the
-    terminal's SIGINT to workers that already got it), not a second one."""
+    marks the run interrupted and releases its lock first). Only rank 0 speaks. Under a
+    hand-run torchrun a repeat within a second is the same Ctrl-C delivered twice (torchrun
+    forwards the terminal's SIGINT to workers that already got it), not a second one."""
 
-    REPEAT_S = 1.0
+    # torchrun sets TORCHELASTIC_RUN_ID; lmtk's own launcher passes each signal on once.
+    REPEAT_S = 1.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
 
     def __init__(self, job: Job, main: bool = True):
         self.signum = None
@@ -147,7 +148,7 @@ class _Signals:
             if self.main:
                 print("stopping after this step to write a checkpoint (signal again to exit at once)", file=sys.stderr, flush=True)
             return
-        if time.monotonic() - self.first_at < self.REPEAT_S:
+        if time.monotonic() - self.first_at < self.REPEAT_S:  # the same Ctrl-C, forwarded by torchrun
             return
         try:
             if self.main:

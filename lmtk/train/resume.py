@@ -22,7 +22,8 @@ IDENTITY = ("seed", "data.", "tokenizer.", "model.", "objective.", "train.batch_
 # ... except these, which change how the same computation runs, not what it computes.
 HOW = ("objective.fused_head", "objective.head_chunk")
 # Never compared: where and under which name the run lives, and how it was started.
-IGNORED = ("run.", "resume", "recipe", "description")
+IGNORED = ("run.", "resume", "recipe", "description",
+           "model.vocab_size")  # filled in from the tokenizer: the user changed tokenizer.*, which says more
 
 
 def target(cfg, name: str) -> tuple[str, Path | None]:
@@ -73,6 +74,13 @@ def check(ckpt: Path, cfg, model_meta: dict, tok, data_meta: dict, same: bool) -
     allowed config changes {key: (saved, now)}). A new run started from another run's
     checkpoint (same=False) only needs its model and tokenizer."""
     meta = checkpoint.verify(ckpt)
+    changes = config_changes(checkpoint.config_text(ckpt), cfg) if same else {}
+    for key, (was, now) in changes.items():  # first: these name the setting the user changed
+        if key.startswith(IDENTITY) and not key.startswith(HOW):
+            raise UserError(
+                f"cannot resume run '{cfg.run.name}' with {key}={now}: it was trained with {key}={was} "
+                f"(the data stream, model, tokenizer or objective would change); pass {key}={was}, or start a new run"
+            )
     saved = meta.get("model", {})
     diff = sorted(k for k in set(saved) | set(model_meta) if saved.get(k) != model_meta.get(k))
     if diff:
@@ -81,13 +89,6 @@ def check(ckpt: Path, cfg, model_meta: dict, tok, data_meta: dict, same: bool) -
     _check_tokenizer(ckpt, tok)
     if not same:
         return int(meta["step"]), {}
-    changes = config_changes(checkpoint.config_text(ckpt), cfg)
-    for key, (was, now) in changes.items():
-        if key.startswith(IDENTITY) and not key.startswith(HOW):
-            raise UserError(
-                f"cannot resume run '{cfg.run.name}' with {key}={now}: it was trained with {key}={was} "
-                f"(the data stream, model, tokenizer or objective would change); pass {key}={was}, or start a new run"
-            )
     for key in ("train_tokens", "val_tokens"):
         was, now = meta.get("data", {}).get(key), data_meta.get(key)
         if was is not None and now is not None and was != now:
