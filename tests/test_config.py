@@ -96,9 +96,11 @@ def test_group_option_override():
     assert cfg.schedule.name == "triangle" and cfg.objective.name == "mlm"
 
 
-def test_plus_adds_key_to_existing_section():
-    cfg = compose("default", ["+model.extra=1", "budget.steps=3"])
-    assert cfg.model.extra == 1 and cfg.budget.steps == 3
+def test_plus_cannot_add_a_key_lmtk_would_ignore():
+    """+model.extra=1 used to be kept and silently ignored by the model: an unknown key in one of
+    lmtk's own sections is an error like any other."""
+    with pytest.raises(UserError, match="unknown config key 'model.extra'"):
+        compose("default", ["+model.extra=1", "budget.steps=3"])
 
 
 def test_plus_adds_new_section():
