@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 import helpers
 
 RUN = [*helpers.TINY, "budget.steps=2", "val.at_start=false"]
@@ -65,3 +69,81 @@ def test_tokenizer_path_reuses_a_runs_tokenizer(lmtk_env):
     assert "trained" not in res.output
     runs = lmtk_env.runs
     assert (runs / "dst" / "tokenizer.json").read_text() == (runs / "src" / "tokenizer.json").read_text()
+
+
+# ---- token counts for the unigram baseline ------------------------------------------------
+
+
+def _text_cache(tmp_path, n_docs=300, vocab=300, seq_len=16, val_fraction=0.1):
+    """A TokenCache over a small text corpus in tmp_path (LMTK_CACHE is the test's)."""
+    import random
+
+    from lmtk.config import compose
+    from lmtk.data.packing import TokenCache
+    from lmtk.data.sources import Source
+    from lmtk.data.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    words = "the a model token data train loss value layer head step batch cache run text file word".split()
+    f = tmp_path / "corpus.jsonl"
+    f.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n" for _ in range(n_docs)))
+    cfg = compose("default", ["budget.steps=1", "data=text", f"data.train={f}", f"data.val_fraction={val_fraction}",
+                              f"tokenizer.vocab_size={vocab}"])
+    src = Source(cfg.data)
+    tok = train_tokenizer(cfg.tokenizer, src.documents("train"))
+    return src, tok, TokenCache(src, tok, seq_len)
+
+
+def test_count_tokens_in_chunks_equals_bincount(monkeypatch):
+    import numpy as np
+
+    from lmtk.data import packing
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, 10_007).astype(np.uint16)
+    seen = []
+    real = np.bincount
+    monkeypatch.setattr(np, "bincount", lambda x, **kw: seen.append(len(x)) or real(x, **kw))
+    counts = packing.count_tokens(tokens, 64, chunk=1000)
+    assert counts.dtype == np.int64 and counts.shape == (64,)
+    np.testing.assert_array_equal(counts, real(tokens, minlength=64))
+    assert seen and max(seen) <= 1000  # never the whole stream at once
+
+
+def test_cache_stores_train_counts_and_unigram_uses_them(fresh_cache, tmp_path, monkeypatch):
+    import numpy as np
+
+    from lmtk.data import packing
+
+    src, tok, cache = _text_cache(tmp_path)
+    counts_file = cache.dir / "counts.npy"
+    assert counts_file.is_file()
+    train = np.fromfile(cache.dir / "train.bin", dtype=cache.meta["dtype"])
+    np.testing.assert_array_equal(np.load(counts_file), np.bincount(train, minlength=tok.vocab_size))
+    assert len(np.load(counts_file)) == tok.vocab_size
+
+    # an older cache without counts: counted in chunks when first needed, then stored
+    counts_file.unlink()
+    monkeypatch.setattr(packing, "COUNT_CHUNK", 100)
+    seen = []
+    real = np.bincount
+    monkeypatch.setattr(np, "bincount", lambda x, **kw: seen.append(len(x)) or real(x, **kw))
+    again = packing.TokenCache(src, tok, 16)
+    assert again.hit
+    np.testing.assert_array_equal(again.train_counts(), real(train, minlength=tok.vocab_size))
+    assert counts_file.is_file() and max(seen) <= 100
+
+    # the unigram baseline reads the counts, never the train stream
+    monkeypatch.setattr(np, "bincount", real)
+    loss, bpb = packing.unigram_bpb(again.train_counts(), again.val, tok.token_bytes())
+    p = (real(train, minlength=tok.vocab_size) + 1.0) / (len(train) + tok.vocab_size)
+    assert loss == pytest.approx(-np.log(p[np.asarray(again.val)]).mean())
+    assert 0 < bpb < 10
+
+
+def test_counts_leave_out_a_val_split_cut_from_train(fresh_cache, tmp_path):
+    import numpy as np
+
+    _, tok, cache = _text_cache(tmp_path, val_fraction=0.0)
+    assert cache.val_from_train  # no held-out documents: the tail of train is val
+    np.testing.assert_array_equal(cache.train_counts(), np.bincount(np.asarray(cache.train), minlength=tok.vocab_size))

@@ -26,6 +26,7 @@ import torch
 from lmtk.data.tokenizer import Tokenizer, cache_root
 from lmtk.errors import UserError
 
+CACHE_VERSION = 2  # part of the cache key: bumped when the cache's files change (2: counts.npy)
 BATCH_CHARS = 1_000_000  # text per encode call (and per task of a worker process)
 POOL_AFTER_BATCHES = 4  # small data stays in-process: a pool costs ~0.1 s to start
 
@@ -121,10 +122,24 @@ def encode_workers() -> int:
     return min(len(os.sched_getaffinity(0)), 8)
 
 
+COUNT_CHUNK = 1 << 22  # tokens per np.bincount call when counting a stored stream (32 MB of int64)
+
+
+def count_tokens(tokens: np.ndarray, vocab: int, chunk: int | None = None) -> np.ndarray:
+    """Occurrences of each id in `tokens` (a memmap is fine), as int64 [vocab]. Counts a chunk at
+    a time: memory O(vocab + chunk), never an int64 copy of the whole stream."""
+    chunk = chunk or COUNT_CHUNK
+    counts = np.zeros(vocab, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[i : i + chunk]), minlength=vocab)
+    return counts
+
+
 def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype, workers: int | None = None,
-                     progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+                     progress: Callable[[int], None] | None = None, counts: np.ndarray | None = None) -> tuple[int, int]:
     """Stream documents through the tokenizer into a raw binary file. Returns (tokens, chars);
-    `progress(chars)` is called after every batch."""
+    `progress(chars)` is called after every batch; `counts` (int64 [vocab]), when given, gets
+    the occurrences of every id added while the ids stream past."""
     n_tok = n_chars = 0
     with open(path, "wb") as f:
         for batch, ids in _encoded(docs, tok, encode_workers() if workers is None else workers):
@@ -132,6 +147,8 @@ def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype, wor
             n_chars += chars
             f.write(ids.astype(dtype).tobytes())
             n_tok += len(ids)
+            if counts is not None and len(ids):
+                counts += np.bincount(ids, minlength=len(counts))
             if progress is not None:
                 progress(chars)
         f.flush()
@@ -180,7 +197,7 @@ class TokenCache:
     def __init__(self, source, tok: Tokenizer, seq_len: int):
         self.tok = tok
         self.dtype = np.uint16 if tok.vocab_size < 65536 else np.uint32
-        key = hashlib.sha256(f"{source.fingerprint()}:{tok.fingerprint()}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{CACHE_VERSION}:{source.fingerprint()}:{tok.fingerprint()}".encode()).hexdigest()[:16]
         self.dir = cache_root() / "tokens" / key
         self.hit = (self.dir / "meta.json").is_file()
         if not self.hit:
@@ -200,7 +217,9 @@ class TokenCache:
         t0 = time.perf_counter()
         try:
             with TokeniseProgress(source.approx_chars()) as progress:
-                n_train, chars = tokenize_to_file(source.documents("train"), self.tok, tmp / "train.bin", self.dtype, progress=progress)
+                counts = np.zeros(self.tok.vocab_size, dtype=np.int64)
+                n_train, chars = tokenize_to_file(source.documents("train"), self.tok, tmp / "train.bin", self.dtype,
+                                                  progress=progress, counts=counts)
                 n_val, _ = tokenize_to_file(source.documents("val"), self.tok, tmp / "val.bin", self.dtype, progress=progress)
         except BaseException:  # an error or Ctrl-C: no half-written streams left in the cache
             shutil.rmtree(tmp, ignore_errors=True)
@@ -214,13 +233,33 @@ class TokenCache:
             "dtype": np.dtype(self.dtype).name,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        np.save(tmp / "counts.npy", counts)
         (tmp / "meta.json").write_text(json.dumps(meta))
         if self.dir.exists():  # another process won the race; keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, self.dir)
 
+    def train_counts(self) -> np.ndarray:
+        """Occurrences of each id in the train stream (int64 [vocab]), for the unigram baseline.
+        Counted while the cache was built (counts.npy); a cache from before that is counted now,
+        in chunks, and the counts stored. When the val split was cut from the tail of train, the
+        tail's counts are taken out."""
+        path = self.dir / "counts.npy"
+        if path.is_file():
+            counts = np.load(path)
+        else:
+            full = self._open("train.bin")
+            counts = count_tokens(full, self.tok.vocab_size)
+            tmp = path.with_name(f"counts.tmp{os.getpid()}.npy")
+            np.save(tmp, counts)
+            os.replace(tmp, path)
+        if self.val_from_train:
+            counts = counts - count_tokens(self.val, self.tok.vocab_size)
+        return counts
+
     def _ensure_sizes(self, seq_len: int) -> None:
+        self.val_from_train = False
         if len(self.train) == 0:
             raise UserError("the training data is empty (no text after reading); check data.train")
         if self.val is None or len(self.val) < seq_len:
@@ -233,6 +272,7 @@ class TokenCache:
                 )
             self.val = self.train[-n_val:]
             self.train = self.train[:-n_val]
+            self.val_from_train = True
 
 
 class Batches:
@@ -268,9 +308,10 @@ class Batches:
             yield torch.from_numpy(np.asarray(self.tokens[start * L : stop * L], dtype=np.int64).reshape(-1, L))
 
 
-def unigram_bpb(train: np.ndarray, val: np.ndarray, vocab: int, token_bytes: np.ndarray) -> tuple[float, float]:
-    """Cross-entropy (nats/token) and bits-per-byte of an add-one unigram model fit on train."""
-    counts = np.bincount(np.asarray(train), minlength=vocab).astype(np.float64) + 1.0
+def unigram_bpb(counts: np.ndarray, val: np.ndarray, token_bytes: np.ndarray) -> tuple[float, float]:
+    """Cross-entropy (nats/token) and bits-per-byte of an add-one unigram model fit on the train
+    split's token counts (TokenCache.train_counts: memory O(vocab), whatever the corpus size)."""
+    counts = np.asarray(counts, dtype=np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     v = np.asarray(val)
     nats = -logp[v].sum()

@@ -173,7 +173,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
     if rundir is None:
         return summary
     n_val = min(len(cache.val), cfg.val.tokens)
-    uni_loss, uni_bpb = unigram_bpb(cache.train, cache.val[:n_val], tok.vocab_size, tok.token_bytes())
+    uni_loss, uni_bpb = unigram_bpb(cache.train_counts(), cache.val[:n_val], tok.token_bytes())
     summary.update(params=n_params, unigram_loss=uni_loss, unigram_bpb=uni_bpb)
     print_summary(rundir.name, summary)
     return summary
