@@ -56,10 +56,22 @@ def test_token_cache_matches_the_tokenizer(fresh_cache, lmtk_env):
     assert meta["dtype"] == "uint16" and len(train) == meta["train_tokens"] > 1000
     tok = Tokenizer.from_file(lmtk_env.runs / "one" / "tokenizer.json")
     assert train.max() < tok.vocab_size
-    # documents are joined by [SEP]; decoding the start gives back real Python source
-    first_doc = train[: int(np.argmax(train == tok.eos_id))]
-    text = tok.decode(first_doc)
-    assert len(first_doc) > 10 and ("def " in text or "import " in text)
+    # the cached streams are the tokenization of the source's own documents, each followed by [SEP]
+    from lmtk.config import compose
+    from lmtk.data.sources import Source
+
+    src = Source(compose("default", [*RUN, "run.name=one"]).data)
+    docs = {split: list(src.documents(split)) for split in ("train", "val")}
+    expected = np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs["train"]])
+    np.testing.assert_array_equal(train, expected)
+    assert tok.decode(train[: len(tok.encode(docs["train"][0]))]) == tok.decode(tok.encode(docs["train"][0]))
+    val = np.fromfile(tok_dir / "val.bin", dtype=meta["dtype"])
+    ids, nbytes = tok.encode_stream(docs["val"], with_bytes=True)
+    np.testing.assert_array_equal(val, ids)
+    # beside val: each token's bytes of the original text, adding up to the documents' UTF-8 bytes
+    val_bytes = np.fromfile(tok_dir / "val.bytes", dtype=np.uint32)
+    np.testing.assert_array_equal(val_bytes, nbytes)
+    assert val_bytes.sum() == sum(len(d.encode()) for d in docs["val"])
 
 
 def test_tokenizer_path_reuses_a_runs_tokenizer(lmtk_env):
@@ -74,7 +86,7 @@ def test_tokenizer_path_reuses_a_runs_tokenizer(lmtk_env):
 # ---- token counts for the unigram baseline ------------------------------------------------
 
 
-def _text_cache(tmp_path, n_docs=300, vocab=300, seq_len=16, val_fraction=0.1):
+def _text_cache(tmp_path, n_docs=300, vocab=300, seq_len=16, val_fraction=0.1, kind="bpe"):
     """A TokenCache over a small text corpus in tmp_path (LMTK_CACHE is the test's)."""
     import random
 
@@ -88,7 +100,7 @@ def _text_cache(tmp_path, n_docs=300, vocab=300, seq_len=16, val_fraction=0.1):
     f = tmp_path / "corpus.jsonl"
     f.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n" for _ in range(n_docs)))
     cfg = compose("default", ["budget.steps=1", "data=text", f"data.train={f}", f"data.val_fraction={val_fraction}",
-                              f"tokenizer.vocab_size={vocab}"])
+                              f"tokenizer={kind}", f"tokenizer.vocab_size={vocab}"])
     src = Source(cfg.data)
     tok = train_tokenizer(cfg.tokenizer, src.documents("train"))
     return src, tok, TokenCache(src, tok, seq_len)
@@ -135,10 +147,10 @@ def test_cache_stores_train_counts_and_unigram_uses_them(fresh_cache, tmp_path, 
 
     # the unigram baseline reads the counts, never the train stream
     monkeypatch.setattr(np, "bincount", real)
-    loss, bpb = packing.unigram_bpb(again.train_counts(), again.val, tok.token_bytes())
+    loss, bpb = packing.unigram_bpb(again.train_counts(), again.val, again.val_bytes)
     p = (real(train, minlength=tok.vocab_size) + 1.0) / (len(train) + tok.vocab_size)
     assert loss == pytest.approx(-np.log(p[np.asarray(again.val)]).mean())
-    assert 0 < bpb < 10
+    assert bpb == pytest.approx(loss * len(again.val) / np.log(2) / int(np.asarray(again.val_bytes).sum()))
 
 
 def test_counts_leave_out_a_val_split_cut_from_train(fresh_cache, tmp_path):
@@ -147,3 +159,22 @@ def test_counts_leave_out_a_val_split_cut_from_train(fresh_cache, tmp_path):
     _, tok, cache = _text_cache(tmp_path, val_fraction=0.0)
     assert cache.val_from_train  # no held-out documents: the tail of train is val
     np.testing.assert_array_equal(cache.train_counts(), np.bincount(np.asarray(cache.train), minlength=tok.vocab_size))
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_val_cut_from_train_gets_the_bytes_of_its_text(fresh_cache, tmp_path, kind):
+    """A corpus with no held-out documents validates on the tail of train: its byte counts are
+    those of the train documents' text (WordPiece: tokenised again with offsets, stored)."""
+    import numpy as np
+
+    from lmtk.data import packing
+
+    src, tok, cache = _text_cache(tmp_path, val_fraction=0.0, kind=kind)
+    assert cache.val_from_train
+    ids, nbytes = tok.encode_stream(list(src.documents("train")), with_bytes=True)
+    n = len(cache.val)
+    np.testing.assert_array_equal(np.asarray(cache.val), ids[-n:])
+    np.testing.assert_array_equal(np.asarray(cache.val_bytes), nbytes[-n:])
+    assert (cache.dir / "train.bytes").is_file() == (kind == "wordpiece")
+    again = packing.TokenCache(src, tok, 16)  # stored: read back, not recomputed
+    np.testing.assert_array_equal(np.asarray(again.val_bytes), nbytes[-n:])

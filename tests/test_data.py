@@ -222,8 +222,48 @@ def test_tokenizer_specials_and_roundtrip(kind):
     ids = tok.encode(text)
     assert ids and all(i >= 5 for i in ids)
     assert tok.decode(ids).strip() == text
-    tb = tok.token_bytes()
-    assert tb[:5].sum() == 0 and (tb[5:] > 0).all()
+    # bits-per-byte's denominator: the real UTF-8 bytes of the text, whatever the tokenizer
+    ids, nbytes = tok.encode_stream([text + "  again"], with_bytes=True)
+    assert len(nbytes) == len(ids) and nbytes.sum() == len((text + "  again").encode())
+
+
+# Non-ASCII (2-, 3- and 4-byte characters, a combining accent BERT's normaliser strips), runs of
+# spaces and tabs, characters WordPiece drops (control characters, U+FFFD), a literal "[SEP]".
+TRICKY_TEXT = [
+    "def  f(x):\n\t\treturn x   # café, naïve, Ångström, e\u0301, 日本語, 😀\n\n\n",
+    "bell\x07 here \ufffd and \x00 nul, zero\u200bwidth,   trailing spaces   \n",
+    "a literal [SEP] inside, then ΑΒΓ δεζ and ½ ² ﬁ",
+    "",
+    "   ",
+]
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_bpe_and_wordpiece_charge_the_same_real_bytes(lowercase):
+    """Every tokenizer's per-token byte counts add up to the document's UTF-8 length, so bits
+    per byte divide by the same number for BPE and WordPiece on the same text."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lmtk.data.tokenizer import train_tokenizer
+
+    corpus = make_docs(200, seed=11) + TRICKY_TEXT * 20
+    totals = {}
+    for kind in ("bpe", "wordpiece"):
+        tok = train_tokenizer(SimpleNamespace(kind=kind, vocab_size=400, train_chars=10**9, lowercase=lowercase), corpus)
+        for doc in TRICKY_TEXT + make_docs(3, seed=12):
+            ids, nbytes = tok.encode_stream([doc], with_bytes=True)
+            np.testing.assert_array_equal(ids, tok.encode_stream([doc]))  # the same ids as without bytes
+            assert ids[-1] == tok.eos_id and (nbytes >= 0).all()
+            assert nbytes.sum() == len(doc.encode("utf-8")), (kind, doc)
+        ids, nbytes = tok.encode_stream(TRICKY_TEXT, with_bytes=True)
+        totals[kind] = int(nbytes.sum())
+        # a batch is its documents back to back: each one's bytes end at its own [SEP]
+        each = [tok.encode_stream([d], with_bytes=True) for d in TRICKY_TEXT]
+        np.testing.assert_array_equal(ids, np.concatenate([i for i, _ in each]))
+        np.testing.assert_array_equal(nbytes, np.concatenate([b for _, b in each]))
+    assert totals["bpe"] == totals["wordpiece"] == sum(len(d.encode()) for d in TRICKY_TEXT)
 
 
 @pytest.mark.parametrize(

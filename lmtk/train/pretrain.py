@@ -152,7 +152,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
     objective = build_objective(cfg.objective, tok)
     val_objectives = objective.val_objectives()
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
-    val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed)
+    val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
     n_params = model.num_params()
     if rundir is not None:
@@ -163,7 +163,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
         )
     job = Job(
         cfg=cfg, model=model, objective=objective, train_data=train_data, val_data=val_data,
-        val_objectives=val_objectives, token_bytes=tok.token_bytes(), run=rundir, sinks=sinks,
+        val_objectives=val_objectives, run=rundir, sinks=sinks,
         device=dev, dtype=dtype, model_meta=mcfg.to_dict(), resume_from=ckpt, dist=dist,
     )
     try:
@@ -173,7 +173,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
     if rundir is None:
         return summary
     n_val = min(len(cache.val), cfg.val.tokens)
-    uni_loss, uni_bpb = unigram_bpb(cache.train_counts(), cache.val[:n_val], tok.token_bytes())
+    uni_loss, uni_bpb = unigram_bpb(cache.train_counts(), cache.val[:n_val], cache.val_bytes[:n_val])
     summary.update(params=n_params, unigram_loss=uni_loss, unigram_bpb=uni_bpb)
     print_summary(rundir.name, summary)
     return summary
