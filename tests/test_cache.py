@@ -71,7 +71,7 @@ def test_token_cache_matches_the_tokenizer(fresh_cache, lmtk_env):
     # beside val: each token's bytes of the original text, adding up to the documents' UTF-8 bytes
     val_bytes = np.fromfile(tok_dir / "val.bytes", dtype=np.uint32)
     np.testing.assert_array_equal(val_bytes, nbytes)
-    assert val_bytes.sum() == sum(len(d.encode()) for d in docs["val"])
+    assert val_bytes.sum() == sum(len(d.encode()) for d in docs["val"]) > 0  # held-out documents even when capped
 
 
 def test_tokenizer_path_reuses_a_runs_tokenizer(lmtk_env):
