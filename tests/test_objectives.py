@@ -169,3 +169,29 @@ def test_lm_metrics_bpb_divides_by_the_bytes_at_the_scored_positions(name):
     # and the ordered stream carries the bytes beside the ids
     (ids, b), *_ = data.ordered(L * n_win, 2)
     assert torch.equal(ids, windows[:2]) and torch.equal(b, wbytes[:2])
+
+
+def test_val_mask_rate_and_seed_are_config_keys(lmtk_env):
+    """val.mask_rate and val.seed set validation's masked reading; the defaults (0.15, null ->
+    seed + 12345) give the numbers the hard-coded values gave."""
+    import helpers
+    from lmtk.config import compose
+
+    cfg = compose("default", ["budget.steps=1"])
+    assert cfg.val.mask_rate == 0.15 and cfg.val.seed is None
+    for bad in ("0", "1", "1.5"):
+        with pytest.raises(UserError, match="val.mask_rate"):
+            compose("default", ["budget.steps=1", f"val.mask_rate={bad}"])
+
+    def val_mlm(name, *over):
+        helpers.train(*helpers.TINY, "budget.steps=1", "val.at_start=false", "seed=3", f"run.name={name}", *over)
+        return helpers.info(lmtk_env.runs / name)["summary"]
+
+    default = val_mlm("default")
+    same = val_mlm("same", "val.seed=12348", "val.mask_rate=0.15")  # what seed=3 meant before: 3 + 12345
+    other_seed = val_mlm("seed", "val.seed=1")
+    other_rate = val_mlm("rate", "val.mask_rate=0.4")
+    assert same["val/mlm_loss"] == default["val/mlm_loss"] and same["val/mlm_bpb"] == default["val/mlm_bpb"]
+    assert other_seed["val/mlm_loss"] != default["val/mlm_loss"]
+    assert other_rate["val/mlm_loss"] != default["val/mlm_loss"]
+    assert other_seed["val/clm_loss"] == other_rate["val/clm_loss"] == default["val/clm_loss"]  # causal: no masking

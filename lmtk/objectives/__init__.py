@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lmtk.errors import UserError
 
-VAL_MASK_RATE = 0.15  # validation masks 15% whatever the training rate, so masked losses compare
+VAL_MASK_RATE = 0.15  # default of val.mask_rate: validation masks 15% whatever the training rate
 
 
 class Objective(abc.ABC):
@@ -48,9 +48,10 @@ class Objective(abc.ABC):
         h, pos = self.predict(model, batch, gen, *args, **kwargs)
         return _nll(model.logits(h), batch.gather(1, pos)).reshape(pos.shape), pos
 
-    def val_objectives(self) -> dict:
-        """The causal and the masked reading of this model, reported at every validation."""
-        return {"clm": CLM(self.cfg, self._tok), "mlm": MLM(self.cfg, self._tok, rate=VAL_MASK_RATE)}
+    def val_objectives(self, mask_rate: float = VAL_MASK_RATE) -> dict:
+        """The causal and the masked reading of this model, reported at every validation; the
+        masked one masks `mask_rate` (val.mask_rate) of the tokens."""
+        return {"clm": CLM(self.cfg, self._tok), "mlm": MLM(self.cfg, self._tok, rate=mask_rate)}
 
     def loss(self, model, batch: torch.Tensor, gen: torch.Generator, frac: float = 0.0):
         """(mean loss, metrics). `frac` is the budget fraction used so far, for objectives

@@ -105,5 +105,5 @@ class GPTBERT(Objective):
             h, pos = self.masked.predict(model, batch, gen, rate=self.mask_rate(frac))
         return self.mean_loss(model, batch, h, pos), {"phase": "causal" if causal else "masked", "mask_rate": self.mask_rate(frac)}
 
-    def val_objectives(self) -> dict:
-        return {"clm": self.causal, "mlm": MaskedNextToken(self.cfg, self._tok, rate=VAL_MASK_RATE)}
+    def val_objectives(self, mask_rate: float = VAL_MASK_RATE) -> dict:
+        return {"clm": self.causal, "mlm": MaskedNextToken(self.cfg, self._tok, rate=mask_rate)}

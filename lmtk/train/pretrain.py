@@ -150,7 +150,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
-    val_objectives = objective.val_objectives()
+    val_objectives = objective.val_objectives(cfg.val.mask_rate)
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
