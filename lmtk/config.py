@@ -184,6 +184,8 @@ def _check(cfg) -> None:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if not 0 < cfg.objective.mask_rate < 1:
         raise UserError("objective.mask_rate must be between 0 and 1")
+    if not 0 < cfg.val.mask_rate < 1:
+        raise UserError("val.mask_rate must be between 0 and 1")
     if cfg.data.seq_len < 2:
         raise UserError("data.seq_len must be at least 2")
     for key in ("logger.every",):

@@ -132,6 +132,8 @@ class ValCfg:
     every: int = 0  # steps; 0: only at start and end
     tokens: int = 65536  # fixed token count, so runs compare
     at_start: bool = True
+    mask_rate: float = 0.15  # masked readings (val/mlm_*) mask this share whatever the training rate, so runs compare
+    seed: Optional[int] = None  # masking seed of validation; None: seed + 12345
 
 
 @dataclass

@@ -81,15 +81,15 @@ def test_gpt_bert_masked_batches_predict_token_p_from_output_p_minus_1():
     obj = objective("gpt-bert")
     m = tiny_model()
     batch = torch.randint(5, V, (3, 20))
-    nll, targets = obj.masked.nll(m, batch, torch.Generator().manual_seed(7), rate=0.3)
+    nll, scored = obj.masked.nll(m, batch, torch.Generator().manual_seed(7), rate=0.3)
     x, pos = obj.masked.corrupt(batch, torch.Generator().manual_seed(7), rate=0.3, first=1)
     assert (pos >= 1).all() and pos.shape[1] == round(0.3 * 19)
     logits = m.logits(m.hidden(x, causal=False))
     manual = torch.stack([
         torch.nn.functional.cross_entropy(logits[b, pos[b] - 1], batch[b, pos[b]], reduction="none") for b in range(3)
     ]).reshape(-1)
-    assert torch.allclose(nll, manual, atol=1e-5)
-    assert torch.equal(targets, batch.gather(1, pos).reshape(-1))
+    assert torch.allclose(nll.reshape(-1), manual, atol=1e-5)
+    assert torch.equal(scored, pos)  # scored at the masked positions (predicted from p - 1)
 
 
 def test_gpt_bert_mask_rate_decays_and_is_logged():

@@ -160,3 +160,14 @@ def test_tokenising_progress_reports_mb_rate_and_eta(bpe, tmp_path, monkeypatch,
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) >= 3 and all(line.startswith("tokenising: ") for line in lines)
     assert " MB/s" in lines[-1] and "ETA" in lines[-1] and f"/{2 * total / 1e6:,.1f} MB" in lines[-1]
+
+
+def test_byte_counts_in_worker_processes_match_the_text(bpe, tmp_path, monkeypatch):
+    monkeypatch.setattr(packing, "BATCH_CHARS", 500)
+    monkeypatch.setattr(packing, "POOL_AFTER_BATCHES", 1)
+    docs = random_docs(60, seed=5) + [TRICKY, "a literal [SEP] here"] * 3
+    packing.tokenize_to_file(iter(docs), bpe, tmp_path / "t.bin", np.uint16, workers=2, bytes_path=tmp_path / "t.bytes")
+    ids, nbytes = bpe.encode_stream(docs, with_bytes=True)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "t.bin", dtype=np.uint16), ids)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "t.bytes", dtype=packing.BYTES_DTYPE), nbytes)
+    assert nbytes.sum() == sum(len(d.encode()) for d in docs)

@@ -76,13 +76,73 @@ class Tokenizer:
         if self._words:
             self._words = None
 
-    def encode_stream(self, docs: list[str]) -> np.ndarray:
-        """Ids of the documents back to back, each followed by [SEP] (the packed-stream layout)."""
+    def encode_stream(self, docs: list[str], with_bytes: bool = False):
+        """Ids of the documents back to back, each followed by [SEP] (the packed-stream layout).
+
+        with_bytes=True returns (ids, nbytes): beside each id, the UTF-8 bytes of the original text
+        it is charged for in bits-per-byte, from the end of the previous token to its own end, so
+        whitespace and characters a normaliser dropped count; each document's [SEP] gets the
+        document's trailing bytes. A document's counts sum to len(doc.encode('utf-8')) exactly."""
         words = self._word_cache()
         if words is not None:
-            return words.encode(docs)
+            return words.encode(docs) if not with_bytes else self._word_cache_bytes(words, docs)
+        if with_bytes:
+            return self._offsets_bytes(docs)
         eos = [self.eos_id]
         return np.fromiter(itertools.chain.from_iterable(ids + eos for ids in self.encode_batch(docs)), dtype=np.int64)
+
+    def _word_cache_bytes(self, words, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Byte-level BPE without a normaliser: tokens are consecutive byte pieces of the text, so
+        token_bytes[ids] is each token's share and [SEP] gets 0. Documents containing added-token
+        text (a literal "[SEP]", 0 bytes in the table) take the offsets path."""
+        table = self.token_bytes()
+        ids_parts, byte_parts, run = [], [], []
+
+        def flush():
+            if run:
+                ids = words.encode(run)
+                ids_parts.append(ids)
+                byte_parts.append(table[ids])
+                run.clear()
+
+        for doc in docs:
+            if words.added is not None and words.added.search(doc):
+                flush()
+                ids, nbytes = self._offsets_bytes([doc])
+                ids_parts.append(ids)
+                byte_parts.append(nbytes)
+            else:
+                run.append(doc)
+        flush()
+        if not ids_parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(ids_parts), np.concatenate(byte_parts)
+
+    def _offsets_bytes(self, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Any tokenizer: per-token bytes from `tokenizers`' character offsets into the original text
+        (converted to byte offsets with a cumulative sum of each character's UTF-8 length)."""
+        ids_parts, byte_parts = [], []
+        for doc, enc in zip(docs, self.tk.encode_batch(docs, add_special_tokens=False)):
+            cps = np.frombuffer(doc.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            at = np.zeros(len(cps) + 1, dtype=np.int64)  # byte offset of each character boundary
+            np.cumsum(1 + (cps >= 0x80) + (cps >= 0x800) + (cps >= 0x10000), out=at[1:])
+            n = len(enc.ids)
+            ends = at[np.fromiter((e for _, e in enc.offsets), dtype=np.int64, count=n)]
+            ends = np.maximum.accumulate(ends) if n else ends  # never charge a negative share
+            nbytes = np.empty(n + 1, dtype=np.int64)
+            nbytes[:n] = np.diff(ends, prepend=0)
+            nbytes[n] = at[-1] - (ends[-1] if n else 0)  # [SEP]: the document's trailing bytes
+            ids_parts.append(np.asarray(enc.ids + [self.eos_id], dtype=np.int64))
+            byte_parts.append(nbytes)
+        if not ids_parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(ids_parts), np.concatenate(byte_parts)
+
+    @property
+    def exact_token_bytes(self) -> bool:
+        """Whether token_bytes()[ids] is exactly each token's share of the text's bytes (byte-level
+        BPE without a normaliser, the word-cache path)."""
+        return self._word_cache() is not None
 
     @property
     def parallel_encode(self) -> bool:
@@ -96,7 +156,9 @@ class Tokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=False)
 
     def token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes each token stands for (0 for specials): the denominator of bits-per-byte."""
+        """UTF-8 bytes each token stands for (0 for specials). Exact for byte-level BPE without a
+        normaliser (exact_token_bytes); for other tokenizers an estimate (WordPiece drops
+        whitespace and normalises), which is why bits-per-byte uses encode_stream(with_bytes=True)."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
         byte_level = type(self.tk.pre_tokenizer).__name__ == "ByteLevel"
         for tok, i in self.tk.get_vocab().items():

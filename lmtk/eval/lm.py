@@ -1,8 +1,11 @@
 """Language-model loss and bits-per-byte on held-out token windows.
 
 Training's validation calls this, and so will `lmtk eval`: one definition of the number a
-run reports. Each objective gives per-target negative log-likelihoods (`Objective.nll`);
-bits-per-byte divides their sum by the bytes of text those targets stand for."""
+run reports. Each objective gives per-target negative log-likelihoods and the positions of
+its targets in the batch (`Objective.nll`); bits-per-byte divides their sum by the UTF-8
+bytes of text those targets stand for: the per-token byte counts stored beside the ids
+(TokenCache.val_bytes, Tokenizer.encode_stream(with_bytes=True)), gathered at the same
+positions, so every tokenizer is charged the real bytes of the text it scored."""
 
 from __future__ import annotations
 
@@ -14,26 +17,30 @@ from lmtk.device import autocast
 
 
 @torch.no_grad()
-def lm_metrics(model, objectives: dict, data, *, tokens: int, batch_size: int, device, dtype, seed: int,
-               token_bytes) -> dict:
+def lm_metrics(model, objectives: dict, data, *, tokens: int, batch_size: int, device, dtype, seed: int) -> dict:
     """{<name>_loss, <name>_bpb} for each objective in `objectives` (name -> Objective), on the
-    first `tokens` tokens of `data` (Batches), with masking drawn from `seed`."""
+    first `tokens` tokens of `data` (Batches with byte counts; without them no _bpb), with
+    masking drawn from `seed`."""
     was_training = model.training
     model.eval()
     out = {}
     try:
         for name, obj in objectives.items():
-            nats, n, nbytes = 0.0, 0, 0
+            nats, n, nbytes, have_bytes = 0.0, 0, 0, True
             gen = torch.Generator(device).manual_seed(seed)
-            for batch in data.ordered(tokens, batch_size):
+            for batch, batch_bytes in data.ordered(tokens, batch_size):
                 batch = batch.to(device)
                 with autocast(device, dtype):
-                    nll, targets = obj.nll(model, batch, gen)
+                    nll, pos = obj.nll(model, batch, gen)
                 nats += nll.double().sum().item()
                 n += nll.numel()
-                nbytes += int(token_bytes[targets.cpu().numpy()].sum())
+                if batch_bytes is None:
+                    have_bytes = False
+                else:
+                    nbytes += int(batch_bytes.gather(1, pos.cpu()).sum())
             out[f"{name}_loss"] = nats / max(1, n)
-            out[f"{name}_bpb"] = nats / math.log(2) / max(1, nbytes)
+            if have_bytes:
+                out[f"{name}_bpb"] = nats / math.log(2) / max(1, nbytes)
     finally:
         model.train(was_training)
     return out

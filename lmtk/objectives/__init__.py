@@ -1,8 +1,10 @@
 """Objectives: the only thing that differs between CLM, MLM and hybrid training.
 
-An objective maps (model, batch of token windows, RNG) to the hidden states at the positions
-it predicts and their targets (`predict`); `nll` runs the head on them (per-target negative
-log-likelihoods, for validation), `loss` is their mean, computed in training by the fused
+An objective maps (model, batch of token windows, RNG) to the hidden states that predict
+tokens and the positions in the batch of the tokens they predict (`predict`); the targets are
+the batch's tokens at those positions. `nll` runs the head on them (per-target negative
+log-likelihoods and the positions, so validation can charge each target its bytes of text),
+`loss` is their mean, computed in training by the fused
 head + cross-entropy (model.head_loss) that never materialises the logits. The loop never
 looks inside."""
 
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 from lmtk.errors import UserError
 
-VAL_MASK_RATE = 0.15  # validation masks 15% whatever the training rate, so masked losses compare
+VAL_MASK_RATE = 0.15  # default of val.mask_rate: validation masks 15% whatever the training rate
 
 
 class Objective(abc.ABC):
@@ -36,27 +38,31 @@ class Objective(abc.ABC):
 
     @abc.abstractmethod
     def predict(self, model, batch: torch.Tensor, gen: torch.Generator):
-        """(final hidden states [..., d] at the predicted positions, their target ids [...])."""
+        """(final hidden states [B, k, d] that make the predictions, positions [B, k] in the batch
+        of the tokens they predict): the targets are batch.gather(1, positions)."""
 
     def nll(self, model, batch: torch.Tensor, gen: torch.Generator, *args, **kwargs):
-        """(nll [N] in nats, target ids [N]) for the N predicted positions of the batch; extra
-        arguments go to predict() (a hybrid's budget fraction, a mask rate)."""
-        h, targets = self.predict(model, batch, gen, *args, **kwargs)
-        return _nll(model.logits(h), targets), targets.reshape(-1)
+        """(nll [B, k] in nats, positions [B, k]) for the predicted tokens of the batch: target
+        (b, j) is batch[b, positions[b, j]]. Extra arguments go to predict() (a hybrid's budget
+        fraction, a mask rate)."""
+        h, pos = self.predict(model, batch, gen, *args, **kwargs)
+        return _nll(model.logits(h), batch.gather(1, pos)).reshape(pos.shape), pos
 
-    def val_objectives(self) -> dict:
-        """The causal and the masked reading of this model, reported at every validation."""
-        return {"clm": CLM(self.cfg, self._tok), "mlm": MLM(self.cfg, self._tok, rate=VAL_MASK_RATE)}
+    def val_objectives(self, mask_rate: float = VAL_MASK_RATE) -> dict:
+        """The causal and the masked reading of this model, reported at every validation; the
+        masked one masks `mask_rate` (val.mask_rate) of the tokens."""
+        return {"clm": CLM(self.cfg, self._tok), "mlm": MLM(self.cfg, self._tok, rate=mask_rate)}
 
     def loss(self, model, batch: torch.Tensor, gen: torch.Generator, frac: float = 0.0):
         """(mean loss, metrics). `frac` is the budget fraction used so far, for objectives
         that change over training (phase schedules, mask-rate decay); metrics may carry
         non-tensor values such as the phase name, which the loop logs as they are."""
-        return self.mean_loss(model, *self.predict(model, batch, gen)), {}
+        return self.mean_loss(model, batch, *self.predict(model, batch, gen)), {}
 
-    def mean_loss(self, model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the head on `h`: the mean of nll(), without materialising the
-        logits when gradients are wanted (model.head_loss)."""
+    def mean_loss(self, model, batch: torch.Tensor, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head on `h` against the batch's tokens at `pos`: the mean of
+        nll(), without materialising the logits when gradients are wanted (model.head_loss)."""
+        targets = batch.gather(1, pos)
         if self.fused_head and torch.is_grad_enabled():
             return model.head_loss(h, targets)
         return _nll(model.logits(h), targets).mean()
@@ -72,7 +78,8 @@ class CLM(Objective):
     name = "clm"
 
     def predict(self, model, batch, gen):
-        return model.hidden(batch, causal=True)[:, :-1], batch[:, 1:]
+        B, L = batch.shape
+        return model.hidden(batch, causal=True)[:, :-1], torch.arange(1, L, device=batch.device).expand(B, -1)
 
 
 class MLM(Objective):
@@ -107,7 +114,7 @@ class MLM(Objective):
     def predict(self, model, batch, gen):
         x, pos = self.corrupt(batch, gen)
         h = model.hidden(x, causal=False)
-        return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])), batch.gather(1, pos)
+        return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])), pos
 
 
 def build_objective(cfg, tok) -> Objective:

@@ -57,7 +57,7 @@ class AntLM(Objective):
 
     def loss(self, model, batch, gen, frac: float = 0.0):
         i, name = self.phase(frac)
-        return self.mean_loss(model, *self.parts[name].predict(model, batch, gen)), {"phase": f"{i}:{name}"}
+        return self.mean_loss(model, batch, *self.parts[name].predict(model, batch, gen)), {"phase": f"{i}:{name}"}
 
 
 class MaskedNextToken(MLM):
@@ -70,7 +70,7 @@ class MaskedNextToken(MLM):
     def predict(self, model, batch, gen, rate: float | None = None):
         x, pos = self.corrupt(batch, gen, rate=rate, first=1)
         h = model.hidden(x, causal=False)
-        return h.gather(1, (pos - 1)[..., None].expand(-1, -1, h.shape[-1])), batch.gather(1, pos)
+        return h.gather(1, (pos - 1)[..., None].expand(-1, -1, h.shape[-1])), pos
 
 
 class GPTBERT(Objective):
@@ -100,10 +100,10 @@ class GPTBERT(Objective):
     def loss(self, model, batch, gen, frac: float = 0.0):
         causal = self.pick_causal(gen, batch.device)
         if causal:
-            h, targets = self.causal.predict(model, batch, gen)
+            h, pos = self.causal.predict(model, batch, gen)
         else:
-            h, targets = self.masked.predict(model, batch, gen, rate=self.mask_rate(frac))
-        return self.mean_loss(model, h, targets), {"phase": "causal" if causal else "masked", "mask_rate": self.mask_rate(frac)}
+            h, pos = self.masked.predict(model, batch, gen, rate=self.mask_rate(frac))
+        return self.mean_loss(model, batch, h, pos), {"phase": "causal" if causal else "masked", "mask_rate": self.mask_rate(frac)}
 
-    def val_objectives(self) -> dict:
-        return {"clm": self.causal, "mlm": MaskedNextToken(self.cfg, self._tok, rate=VAL_MASK_RATE)}
+    def val_objectives(self, mask_rate: float = VAL_MASK_RATE) -> dict:
+        return {"clm": self.causal, "mlm": MaskedNextToken(self.cfg, self._tok, rate=mask_rate)}

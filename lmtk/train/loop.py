@@ -51,7 +51,6 @@ class Job:
     train_data: Any  # Batches
     val_data: Any  # Batches or None
     val_objectives: dict  # name -> objective, reported as val/<name>_loss and _bpb
-    token_bytes: np.ndarray
     run: Any  # RunDir
     sinks: Any
     device: torch.device
@@ -90,6 +89,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def val_seed(cfg) -> int:
+    """Seed of validation's masking: val.seed, or (null) derived from the run's seed."""
+    return cfg.val.seed if cfg.val.seed is not None else cfg.seed + 12345
+
+
 def evaluate(job: Job, model=None) -> dict:
     """val/<objective>_loss and _bpb on a fixed number of validation tokens, fixed masking seed
     (lmtk.eval.lm: the same numbers `lmtk eval` reports)."""
@@ -101,11 +105,13 @@ def evaluate(job: Job, model=None) -> dict:
         return {}
     m = lm_metrics(model or job.model, job.val_objectives, job.val_data, tokens=job.cfg.val.tokens,
                    batch_size=job.cfg.train.micro_batch_size, device=job.device, dtype=job.dtype,
-                   seed=job.cfg.seed + 12345, token_bytes=job.token_bytes)
+                   seed=val_seed(job.cfg))
     out = {f"val/{k}": v for k, v in m.items()}
     main = job.objective.val_key
     if f"val/{main}_loss" in out:
-        out["val/loss"], out["val/bpb"] = out[f"val/{main}_loss"], out[f"val/{main}_bpb"]
+        out["val/loss"] = out[f"val/{main}_loss"]
+    if f"val/{main}_bpb" in out:
+        out["val/bpb"] = out[f"val/{main}_bpb"]
     return out
 
 

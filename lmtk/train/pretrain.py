@@ -133,9 +133,9 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
-    val_objectives = objective.val_objectives()
+    val_objectives = objective.val_objectives(cfg.val.mask_rate)
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
-    val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed)
+    val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
     n_params = model.num_params()
     if rundir is not None:
@@ -146,7 +146,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
         )
     job = Job(
         cfg=cfg, model=model, objective=objective, train_data=train_data, val_data=val_data,
-        val_objectives=val_objectives, token_bytes=tok.token_bytes(), run=rundir, sinks=sinks,
+        val_objectives=val_objectives, run=rundir, sinks=sinks,
         device=dev, dtype=dtype, model_meta=mcfg.to_dict(), resume_from=ckpt, dist=dist,
         tokenizer_json=tok.to_json(), data_meta=data_meta,
     )
@@ -157,7 +157,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     if rundir is None:
         return summary
     n_val = min(len(cache.val), cfg.val.tokens)
-    uni_loss, uni_bpb = unigram_bpb(cache.train, cache.val[:n_val], tok.vocab_size, tok.token_bytes())
+    uni_loss, uni_bpb = unigram_bpb(cache.train_counts(), cache.val[:n_val], cache.val_bytes[:n_val])
     summary.update(params=n_params, unigram_loss=uni_loss, unigram_bpb=uni_bpb)
     print_summary(rundir.name, summary)
     return summary
