@@ -194,3 +194,113 @@ def test_global_batch_below_one_micro_batch_per_rank_lowers_the_micro_batch():
     assert "8 -> 4" in check_parallel(cfg, 2, torch.float32) and cfg.train.micro_batch_size == 4
     cfg = compose("default", ["train.batch_size=8", "train.micro_batch_size=2"])
     assert check_parallel(cfg, 2, torch.float32) is None and cfg.train.micro_batch_size == 2
+
+
+def _lmtk_processes(tag: str) -> list[int]:
+    """pids of live processes whose command line carries `tag` (a unique run name)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if tag in cmd and "lmtk" in cmd:
+                pids.append(int(d))
+    return pids
+
+
+def _start_nproc2(env, name, *extra):
+    """`lmtk train launcher.nproc=2 ...` as a terminal would run it: a process group of its own,
+    so os.killpg() is the terminal's Ctrl-C reaching every process in the foreground group."""
+    args = [a for a in ARGS if not a.startswith(("budget.steps", "checkpoint.every"))]
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmtk", "train", *args, "budget.steps=100000", "launcher.nproc=2", f"run.name={name}", *extra],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _wait_for_steps(run, proc, n=2, timeout=180):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.stderr.read()
+        if (run / "metrics.jsonl").is_file() and len(_losses(run)) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError("no training progress")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_under_launcher_nproc_checkpoints_once_and_exits_130(world):
+    """Ctrl-C to the whole process group: every rank finishes the same step, rank 0 writes the
+    checkpoint, the run is interrupted and unlocked, a few lines and no traceback, exit 130,
+    no process left; resume=auto then continues it under 2 ranks again."""
+    import signal
+    import time
+
+    runs, env = world
+    name = f"ctrlc-{os.getpid()}"
+    proc = _start_nproc2(env, name)
+    _wait_for_steps(runs / name, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Connection closed" not in err, err
+    assert len(err.strip().splitlines()) <= 12, err  # start-up lines, the acknowledgement and the result
+    assert err.count("stopped at step") == 1 and "continue with resume=auto" in err, err
+    info = json.loads((runs / name / "run.json").read_text())
+    assert info["status"] == "interrupted" and not (runs / name / ".lock").exists()
+    [ckpt] = [p for p in (runs / name / "checkpoints").iterdir() if p.name.startswith("step-")]
+    step = int(ckpt.name[5:])
+    time.sleep(0.5)
+    assert _lmtk_processes(name) == []
+    p = subprocess.run([sys.executable, "-m", "lmtk", "train", *[a for a in ARGS if not a.startswith(("budget.steps", "checkpoint.every"))],
+                        f"budget.steps={step + 2}", "launcher.nproc=2", f"run.name={name}", "resume=auto"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((runs / name / "run.json").read_text())["summary"]["steps"] == step + 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_second_ctrl_c_under_launcher_nproc_stops_at_once(world):
+    import signal
+    import time
+
+    runs, env = world
+    name = f"ctrlc2-{os.getpid()}"
+    # long steps (many micro-batches), so the second Ctrl-C lands while the first waits for the step
+    proc = _start_nproc2(env, name, "model.d_model=128", "data.seq_len=128", "train.batch_size=128")
+    _wait_for_steps(runs / name, proc, n=1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - t0 < 15, err
+    assert "Traceback" not in err and err.count("second Ctrl-C") == 1, err
+    info = json.loads((runs / name / "run.json").read_text())
+    assert info["status"] == "interrupted" and not (runs / name / ".lock").exists()
+    time.sleep(0.5)
+    assert _lmtk_processes(name) == []
+
+
+def test_wall_clock_budget_excludes_validation_under_ddp(world):
+    """Rank 1 waits while rank 0 validates; that wait must not count as training time, or a
+    budget.hours run with frequent validation stops early."""
+    runs, env = world
+    args = [a for a in ARGS if not a.startswith(("budget.", "checkpoint.every", "val.tokens"))]
+    p = subprocess.run(
+        [sys.executable, "-m", "lmtk", "train", *args, "budget.hours=0.0006", "val.every=2", "val.tokens=65536",
+         "launcher.nproc=2", "run.name=hours"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    info = json.loads((runs / "hours" / "run.json").read_text())
+    rows = [json.loads(l) for l in (runs / "hours" / "metrics.jsonl").read_text().splitlines()]
+    val_rows = [r for r in rows if "val/loss" in r]
+    wall = rows[-1]["time"] - rows[0]["time"]
+    train_s = info["summary"]["train_seconds"]
+    assert 2.0 <= train_s < 2.0 + 1.0  # the budget: 0.0006 h = 2.16 s of training
+    assert len(val_rows) >= 4 and wall > 1.5 * train_s, (wall, train_s, len(val_rows))
