@@ -73,7 +73,9 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
         note = check_parallel(cfg, dist.world, dtype)
         if note and dist.main:
             console.print(note)
-        return _run(cfg, recipe, overrides, dev, dtype, dist)
+        summary = _run(cfg, recipe, overrides, dev, dtype, dist)
+        dist.barrier()  # leave together: a rank tearing down gloo while rank 0 still works can abort
+        return summary
     finally:
         distributed.shutdown()
 
