@@ -145,3 +145,13 @@ def test_runs_uses_lmtk_runs_env(clm_run, monkeypatch):
 def test_runs_on_missing_root_is_empty(tmp_path):
     res = helpers.cli("runs", "--root", str(tmp_path / "none"), "--json")
     assert res.exit_code == 0 and json.loads(res.output) == []
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "rope", "learned"])
+def test_generate_past_max_seq_len(lmtk_env, positions):
+    """Generating more tokens than the model's max_seq_len slides a window of max_seq_len tokens
+    (a sinusoidal table has max_seq_len rows: it used to fail in the first forward past them)."""
+    helpers.train(*TRAIN, f"model.positions={positions}", "model.max_seq_len=32", f"run.name=p-{positions}")
+    res = helpers.cli("generate", f"p-{positions}", "-p", "def main(", "-n", "60", "--temperature", "0")
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("def main(") and len(res.output) > 40

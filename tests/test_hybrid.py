@@ -172,5 +172,21 @@ def test_generate_and_fill_mask_commands(tmp_path, monkeypatch):
     assert a.stdout.startswith("def main(") and len(a.stdout) > len("def main(") and a.stdout == b.stdout
     f = subprocess.run(base + ["--fill-mask", "-p", "import [MASK]"], env=env, capture_output=True, text=True)
     assert f.returncode == 0 and "[MASK]" not in f.stdout and f.stdout.startswith("import")
+    # the masked convention travels in the checkpoint's metadata, not in the objective's name
+    meta_path = tmp_path / "runs" / "g" / "checkpoints" / "final" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["objective"] == {"name": "gpt-bert", "masked_shift": 1}
+    meta["objective"]["name"] = "my-own-objective"
+    meta_path.write_text(json.dumps(meta))
+    renamed = subprocess.run(base + ["--fill-mask", "-p", "import [MASK]"], env=env, capture_output=True, text=True)
+    assert renamed.stdout == f.stdout
+    meta["objective"]["masked_shift"] = 0  # and it is read: another convention fills differently
+    meta_path.write_text(json.dumps(meta))
+    from lmtk.checkpoint import load_pretrained
+    from lmtk.models.infer import masked_logits
+
+    model, tok, _ = load_pretrained("g", root=tmp_path / "runs")
+    ids = torch.tensor([tok.encode("import ") + [tok.mask_id]])
+    assert not torch.equal(masked_logits(model, ids, 0)[0, -1], masked_logits(model, ids, 1)[0, -1])
     bad = subprocess.run(base[:-1] + ["nope"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "error: no run named 'nope'" in bad.stderr

@@ -4,6 +4,7 @@ interrupts, numerical guards, locks, safe loading. Each test fails without its f
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -263,3 +264,32 @@ def test_pickled_code_in_state_cannot_execute(env, tmp_path):
     p = lmtk(["train", *TINY, "budget.steps=4", "resume=" + str(ckpt), "run.name=p2"], e)
     assert p.returncode == 2 and "cannot load trainer state" in p.stderr
     assert not marker.exists()
+
+
+def test_fp16_scaler_calibration_is_not_divergence(env, monkeypatch):
+    """Under fp16 the GradScaler starts high and halves its scale on every overflowing step:
+    those skipped steps are calibration, not a diverging run, and must not count toward
+    guard.max_bad_steps. (A scale of 2^127 overflows the scaled loss for a few steps.)"""
+    real = torch.amp.GradScaler
+
+    class HighScaler(real):
+        def __init__(self, device="cuda", **kw):
+            super().__init__(device, init_scale=2.0**127, **kw)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", HighScaler)
+    summary = train_inproc("fp16", ["budget.steps=8", "precision=fp16", "device=cpu", "guard.max_bad_steps=2"])
+    assert summary["steps"] == 8 and math.isfinite(summary["train_loss"])
+
+
+def test_peak_memory_reads_ru_maxrss_in_the_platform_unit(monkeypatch):
+    """ru_maxrss is KiB on Linux and bytes on macOS."""
+    import resource
+    import types
+
+    from lmtk.train import loop
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=2**30))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert loop.peak_memory_gib(torch.device("cpu")) == 1.0
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert loop.peak_memory_gib(torch.device("cpu")) == 1024.0
