@@ -1,0 +1,67 @@
+"""The README's set-up commands (`make demo`, `make test`): a project .venv outside a virtual
+environment (PEP 668 systems refuse a system-wide pip install), no reinstall when nothing changed,
+and pytest's "no tests ran" (exit 5) is a failure. Checked with `make -n` (nothing is installed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import helpers
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+BASE_PY = next((p for p in (Path(sys.base_prefix) / "bin" / n for n in ("python3", "python")) if p.exists()), None)
+
+
+def make(*args: str, venv: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    if venv:
+        env["VIRTUAL_ENV"] = venv
+    return subprocess.run(["make", "-C", str(helpers.REPO), "--no-print-directory", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def stamp(tmp_path: Path, fresh: bool) -> Path:
+    s = tmp_path / "stamp"
+    s.touch()
+    if not fresh:  # older than pyproject.toml
+        os.utime(s, (0, 0))
+    return s
+
+
+@pytest.mark.skipif(BASE_PY is None, reason="no base interpreter found")
+@pytest.mark.parametrize("target", ["demo", "test"])
+def test_outside_a_venv_make_creates_and_uses_dot_venv(target, tmp_path):
+    out = make("-n", target, f"PY={BASE_PY}", f"STAMP={stamp(tmp_path, fresh=False)}").stdout
+    lines = out.splitlines()
+    assert any(f"{BASE_PY} -m venv .venv" in line for line in lines), out
+    pip = [line for line in lines if "pip install" in line]
+    assert pip and all(".venv/bin/python -m pip" in line for line in pip), out  # never the system pip
+    run = ".venv/bin/python -m lmtk train" if target == "demo" else ".venv/bin/python -m pytest"
+    assert any(line.startswith(run) for line in lines), out
+
+
+def test_inside_a_venv_make_uses_it(tmp_path):
+    out = make("-n", "test", f"PY={sys.executable}", f"STAMP={stamp(tmp_path, fresh=False)}", venv=sys.prefix).stdout
+    assert "-m venv .venv" not in out and not any(line.startswith(".venv/") for line in out.splitlines()), out
+    assert f"{sys.executable} -m pip install" in out and f"{sys.executable} -m pytest" in out
+
+
+def test_nothing_is_reinstalled_while_pyproject_is_unchanged(tmp_path):
+    fresh = make("-n", "test", f"PY={sys.executable}", f"STAMP={stamp(tmp_path, fresh=True)}", venv=sys.prefix).stdout
+    assert "pip install" not in fresh and "-m pytest" in fresh, fresh
+    stale = make("-n", "test", f"PY={sys.executable}", f"STAMP={stamp(tmp_path, fresh=False)}", venv=sys.prefix).stdout
+    assert "pip install" in stale, stale
+
+
+def test_make_test_fails_when_pytest_runs_no_test(tmp_path):
+    p = make("test", f"PY={sys.executable}", f"STAMP={stamp(tmp_path, fresh=True)}",
+             "PYTEST_ARGS=tests/test_config.py -p no:cacheprovider -k no_such_test_anywhere", venv=sys.prefix)
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert "ran no test" in p.stderr
