@@ -43,7 +43,7 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
         from lmtk.train.pretrain import check_parallel
 
         # bad settings fail here with one line, not once per rank under torchrun
-        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision)[1])
+        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)[1])
         # sugar for: torchrun --standalone --nproc_per_node=N -m lmtk train ...
         rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.launcher.nproc}",

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmtk.device import autocast
+from lmtk.device import autocast, peak_tflops
 from lmtk.errors import UserError
 from lmtk.train.budget import Budget, TrainState, micro_steps
 from lmtk.train.optim import build_optimizer
@@ -104,16 +104,6 @@ def evaluate(job: Job, model=None) -> dict:
     if f"val/{main}_loss" in out:
         out["val/loss"], out["val/bpb"] = out[f"val/{main}_loss"], out[f"val/{main}_bpb"]
     return out
-
-
-def _peak_tflops(cfg, device: torch.device) -> float | None:
-    if cfg.train.peak_tflops:
-        return float(cfg.train.peak_tflops)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    table = {"h200": 989, "h100": 989, "a100": 312, "l40": 181, "4090": 165, "a10": 125, "3090": 71, "v100": 125, "t4": 65}
-    return next((v for k, v in table.items() if k in name), None)
 
 
 class _Signals:
@@ -238,7 +228,7 @@ def fit(job: Job) -> dict:
     mbs = tc.micro_batch_size
     world = dist.world
     pin = device.type == "cuda"
-    peak = _peak_tflops(cfg, device)
+    peak = peak_tflops(device, tc.peak_tflops)
     flops_tok = model.flops_per_token(L, job.objective.head_fraction)
 
     if state.step == 0 and cfg.val.at_start:

@@ -77,7 +77,7 @@ def check_parallel(cfg, world: int, dtype) -> str | None:
 def run(cfg, recipe: str, overrides: list[str]) -> dict:
     from lmtk import dist as distributed
 
-    dev, dtype = devices.resolve(cfg.device, cfg.precision)
+    dev, dtype = devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)
     dist = distributed.init(dev.type, cfg.launcher.strategy)
     try:
         if dist.enabled and dev.type == "cuda":
