@@ -19,12 +19,12 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 BASE_PY = next((p for p in (Path(sys.base_prefix) / "bin" / n for n in ("python3", "python")) if p.exists()), None)
 
 
-def make(*args: str, venv: str | None = None) -> subprocess.CompletedProcess:
+def make(*args: str, venv: str | None = None, where: Path = helpers.REPO) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
     if venv:
         env["VIRTUAL_ENV"] = venv
-    return subprocess.run(["make", "-C", str(helpers.REPO), "--no-print-directory", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(["make", "-C", str(where), "--no-print-directory", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def stamp(tmp_path: Path, fresh: bool) -> Path:
@@ -61,7 +61,15 @@ def test_nothing_is_reinstalled_while_pyproject_is_unchanged(tmp_path):
 
 
 def test_make_test_fails_when_pytest_runs_no_test(tmp_path):
-    p = make("test", f"PY={sys.executable}", f"STAMP={stamp(tmp_path, fresh=True)}",
-             "PYTEST_ARGS=tests/test_config.py -p no:cacheprovider -k no_such_test_anywhere", venv=sys.prefix)
+    """In a copy of the Makefile beside a tests/ folder with no test in it (PIP=: so nothing is
+    installed whatever the Makefile does): pytest exits 5, and make test must fail."""
+    proj = tmp_path / "proj"
+    (proj / "tests").mkdir(parents=True)
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(helpers.REPO / name, proj / name)
+    (proj / "tests" / "test_nothing_here.py").write_text("# no tests\n")
+    p = make("test", f"PY={sys.executable}", "PIP=:", f"STAMP={stamp(tmp_path, fresh=True)}",
+             "PYTEST_ARGS=-p no:cacheprovider", venv=sys.prefix, where=proj)
     assert p.returncode != 0, p.stdout + p.stderr
     assert "ran no test" in p.stderr
+    assert "no tests ran" in p.stdout  # pytest's own closing line: it did run, and found nothing
