@@ -46,8 +46,8 @@ class Recorder(torch.nn.Module):
     def logits(self, h):
         return self.model.logits(h)
 
-    def head_loss(self, h, targets):
-        return self.model.head_loss(h, targets)
+    def head_loss(self, h, targets, **kw):
+        return self.model.head_loss(h, targets, **kw)
 
 
 def test_antlm_phase_boundaries_fall_on_the_schedule():

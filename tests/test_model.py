@@ -133,6 +133,37 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 
+@pytest.mark.parametrize("norm,kind,usual", [("layernorm", torch.nn.LayerNorm, 1e-5), ("rmsnorm", None, 1e-6)])
+def test_norm_eps_reaches_every_norm_and_null_keeps_the_usual(norm, kind, usual):
+    from lmtk.models.layers import RMSNorm
+
+    kind = kind or RMSNorm
+
+    def eps_of(model):
+        norms = [m for m in model.modules() if isinstance(m, kind)]
+        assert len(norms) == 2 * 2 + 2  # two per block, the embedding norm and the final norm
+        return {n.eps for n in norms}
+
+    assert eps_of(tiny(norm=norm, embedding_norm=True)) == {usual}
+    assert eps_of(tiny(norm=norm, embedding_norm=True, norm_eps=1e-3)) == {1e-3}
+    # a model.json written before the key existed rebuilds the same model
+    old = ModelConfig(vocab_size=V, norm=norm).to_dict()
+    del old["norm_eps"]
+    assert ModelConfig.from_dict(old) == ModelConfig(vocab_size=V, norm=norm)
+    assert ModelConfig.from_dict(old).norm_eps is None
+
+
+def test_model_norm_eps_from_the_config():
+    from lmtk.config import compose
+
+    assert compose("cramming-bert", ["model.norm_eps=1e-12"]).model.norm_eps == 1e-12
+    assert compose("default", []).model.norm_eps is None
+    with pytest.raises(UserError, match="norm_eps"):
+        compose("default", ["model.norm_eps=0"])
+    cfg = model_config(compose("default", ["model.norm_eps=1e-4"]).model, 1000)
+    assert build_model(cfg).final_norm.eps == 1e-4
+
+
 def test_rope_beyond_max_seq_len_extends_the_table():
     """Generating past max_seq_len with rotary positions: the prefix's outputs do not change."""
     model = tiny(positions="rope", max_seq_len=16).eval()

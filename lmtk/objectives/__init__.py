@@ -33,6 +33,7 @@ class Objective(abc.ABC):
         # training loss through model.head_loss (fused, chunked head + cross-entropy) unless
         # objective.fused_head=false; validation always runs the plain head (it needs per-target nll)
         self.fused_head = bool(getattr(cfg, "fused_head", True))
+        self.head_chunk = getattr(cfg, "head_chunk", None)  # rows per chunk of the fused head (None: its default)
 
     @abc.abstractmethod
     def predict(self, model, batch: torch.Tensor, gen: torch.Generator):
@@ -58,7 +59,7 @@ class Objective(abc.ABC):
         """Mean cross-entropy of the head on `h`: the mean of nll(), without materialising the
         logits when gradients are wanted (model.head_loss)."""
         if self.fused_head and torch.is_grad_enabled():
-            return model.head_loss(h, targets)
+            return model.head_loss(h, targets, chunk=self.head_chunk)
         return _nll(model.logits(h), targets).mean()
 
 

@@ -179,8 +179,8 @@ class _StepModel:
     def logits(self, h):
         return self.model.logits(h)
 
-    def head_loss(self, h, targets):
-        return self.model.head_loss(h, targets)
+    def head_loss(self, h, targets, **kw):
+        return self.model.head_loss(h, targets, **kw)
 
     def sync(self, last: bool):
         # FSDP reduce-scatters after every micro-batch: skipping it would hold full-size
