@@ -120,15 +120,30 @@ def test_model_config_roundtrip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients():
+    """With the flag each block runs twice per step (forward, then again in backward instead of
+    keeping its activations); without it once. Same gradients either way."""
     batch = torch.randint(5, V, (2, 16))
-    grads = []
+    grads, calls = [], []
     for ckpt in (False, True):
         m = tiny()  # same seed, same weights
         m.train()
         m.activation_checkpointing = ckpt
+        n = [0]
+        for block in m.blocks:  # count calls of forward itself (the recompute skips module hooks)
+            def counted(*a, _forward=block.forward, **k):
+                n[0] += 1
+                return _forward(*a, **k)
+
+            block.forward = counted
         m(batch).float().logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
+        calls.append(n[0])
+        with torch.no_grad():  # evaluation never recomputes
+            n[0] = 0
+            m(batch)
+            assert n[0] == len(m.blocks)
+    assert calls == [len(m.blocks), 2 * len(m.blocks)]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
