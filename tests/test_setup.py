@@ -38,7 +38,8 @@ def stamp(tmp_path: Path, fresh: bool) -> Path:
 @pytest.mark.skipif(BASE_PY is None, reason="no base interpreter found")
 @pytest.mark.parametrize("target", ["demo", "test"])
 def test_outside_a_venv_make_creates_and_uses_dot_venv(target, tmp_path):
-    out = make("-n", target, f"PY={BASE_PY}", f"STAMP={stamp(tmp_path, fresh=False)}").stdout
+    # -B: as on a fresh clone, even where .venv exists already (CI's make test made it)
+    out = make("-n", "-B", target, f"PY={BASE_PY}", f"STAMP={stamp(tmp_path, fresh=False)}").stdout
     lines = out.splitlines()
     assert any(f"{BASE_PY} -m venv .venv" in line for line in lines), out
     pip = [line for line in lines if "pip install" in line]
