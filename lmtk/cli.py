@@ -44,7 +44,7 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
         from lmtk.launch import launch
 
         # bad settings fail here with one line, not once per rank
-        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision)[1])
+        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)[1])
         rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
         raise typer.Exit(launch(cfg.launcher.nproc, ["train", recipe, *rest]))
     run(cfg, recipe, overrides)

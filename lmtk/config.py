@@ -182,6 +182,10 @@ def _check(cfg) -> None:
     if m.positions in ("learned", "sinusoidal") and cfg.data.seq_len > m.max_seq_len:
         # both position tables have max_seq_len rows
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.norm_eps is not None and m.norm_eps <= 0:
+        raise UserError(f"model.norm_eps={m.norm_eps} must be positive (or null: the norm's usual)")
+    if cfg.objective.head_chunk < 1:
+        raise UserError(f"objective.head_chunk={cfg.objective.head_chunk} must be at least 1")
     if not 0 < cfg.objective.mask_rate < 1:
         raise UserError("objective.mask_rate must be between 0 and 1")
     if not 0 < cfg.val.mask_rate < 1:

@@ -30,6 +30,7 @@ class ModelCfg:
     rope_base: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
+    norm_eps: Optional[float] = None  # epsilon of every norm; null: the norm's usual (LayerNorm 1e-5, RMSNorm 1e-6)
     embedding_norm: bool = False  # cramming normalises the embedding output
     bias: bool = True
     mlp: str = "gelu"  # gelu | gated-gelu | swiglu
@@ -50,6 +51,7 @@ class ObjectiveCfg:
     causal_weight: int = 1  # gpt-bert: causal:masked micro-batch ratio
     masked_weight: int = 15
     fused_head: bool = True  # training loss by the chunked head + cross-entropy (no [N, vocab] logits); false: plain head
+    head_chunk: int = 1024  # fused head: rows per chunk (memory: one [head_chunk, vocab] buffer)
 
 
 @dataclass
@@ -124,7 +126,7 @@ class TrainCfg:
     batch_ramp: float = 0.0  # fraction of the budget over which batch size ramps up
     compile: bool = False
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% more compute
-    peak_tflops: Optional[float] = None  # for MFU; default: looked up from the GPU name
+    peak_tflops: Optional[float] = None  # accelerator peak for MFU; null: lmtk.device.PEAK_TFLOPS by GPU name
 
 
 @dataclass
@@ -154,7 +156,7 @@ class Config:
     run: RunCfg = field(default_factory=RunCfg)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA; no bf16: fp16, fp32 under fsdp; fp32 on CPU) | fp32 | bf16 | fp16
     resume: Any = False  # false | auto | PATH
     model: ModelCfg = field(default_factory=ModelCfg)
     objective: ObjectiveCfg = field(default_factory=ObjectiveCfg)

@@ -50,13 +50,16 @@ def test_mlm_on_default_recipe_learns(lmtk_env):
     assert helpers.info(run)["summary"]["val/loss"] == helpers.info(run)["summary"]["val/mlm_loss"]
 
 
+BERT_STEPS = 200  # ~11 s on 2 cores; at 100 steps tiny BERT is only ~0.13 nats below unigram
+
+
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory, shared_cache):
     runs = tmp_path_factory.mktemp("bert-runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMTK_RUNS", str(runs))
         mp.setenv("LMTK_CACHE", str(shared_cache))
-        helpers.train("cramming-bert", *MLM_RECIPE_TINY, "budget.steps=100", "train.lr=3e-3", "run.name=bert")
+        helpers.train("cramming-bert", *MLM_RECIPE_TINY, f"budget.steps={BERT_STEPS}", "train.lr=3e-3", "run.name=bert")
     helpers.reset_console()
     return runs / "bert"
 
@@ -66,9 +69,6 @@ def test_cramming_bert_tiny_learns(bert_run):
     assert info["recipe"] == "cramming-bert" and info["status"] == "done"
     cfg = (bert_run / "config.yaml").read_text()
     assert "kind: wordpiece" in cfg and "positions: sinusoidal" in cfg and "name: triangle" in cfg
-    # learns (far below the start) and reaches at least the unigram plateau
-    assert_learned(bert_run, steps=100, drop=1.0, below_unigram=-0.15)
-
-
-def test_cramming_bert_tiny_beats_unigram(bert_run):
-    assert_learned(bert_run, steps=100, drop=1.0, below_unigram=0.05)
+    # learns (far below the start) and clearly below the unigram model, not just at its plateau
+    # (here: ~0.25 nats below it)
+    assert_learned(bert_run, steps=BERT_STEPS, drop=1.0, below_unigram=0.15)

@@ -209,3 +209,29 @@ def test_the_reused_cpu_buffer_serves_calls_of_any_shape():
     for n, d, chunk in [(50, 8, 64), (10, 8, 4), (70, 6, 32), (3, 8, 1024)]:
         h, w, _, t = _case(n=n, d=d, dtype=torch.float32, seed=n)
         torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=chunk), F.cross_entropy(F.linear(h, w), t))
+
+
+@pytest.mark.parametrize("override,chunk", [([], 1024), (["objective.head_chunk=7"], 7)])
+def test_objective_head_chunk_is_the_chunk_the_fused_head_uses(monkeypatch, override, chunk):
+    """objective.head_chunk reaches linear_cross_entropy; the default is the measured 1024."""
+    import lmtk.models.fused_ce as fused_ce
+    from lmtk.config import compose
+
+    seen = []
+    real = fused_ce._LinearCrossEntropy.apply
+    monkeypatch.setattr(fused_ce._LinearCrossEntropy, "apply", lambda *a: seen.append(a[-1]) or real(*a))
+    cfg = compose("default", ["budget.steps=1", *override])
+    assert cfg.objective.head_chunk == chunk
+    obj = build_objective(cfg.objective, TOK)
+    m = _model(True).train()
+    loss, _ = obj.loss(m, torch.randint(N_SPECIAL, V, (2, 16)), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert seen == [chunk]
+
+
+def test_head_chunk_must_be_positive():
+    from lmtk.config import compose
+    from lmtk.errors import UserError
+
+    with pytest.raises(UserError, match="objective.head_chunk=0"):
+        compose("default", ["budget.steps=1", "objective.head_chunk=0"])

@@ -46,8 +46,8 @@ class Recorder(torch.nn.Module):
     def logits(self, h):
         return self.model.logits(h)
 
-    def head_loss(self, h, targets):
-        return self.model.head_loss(h, targets)
+    def head_loss(self, h, targets, **kw):
+        return self.model.head_loss(h, targets, **kw)
 
 
 def test_antlm_phase_boundaries_fall_on_the_schedule():
@@ -148,12 +148,39 @@ def test_hybrid_runs_learn_both_ways_and_log_phases(recipe, tmp_path, monkeypatc
         # de-duplicated corpus (PLL of text == of its shuffle, to 0.01 nats; at 120 steps the
         # margin is still noise); GPT-BERT's masked next-token shares the causal reading's shift.
         assert pseudo_log_likelihood(model, ids, tok.mask_id, shift)[0] > pseudo_log_likelihood(model, shuffled, tok.mask_id, shift)[0]
+    check_fill_mask_and_greedy_generate(model, ids, tok.mask_id, shift)
+    assert (fill_mask(model, ids.masked_fill(ids == ids[0, 5], tok.mask_id), tok.mask_id, shift) != tok.mask_id).all()
+
+
+def check_fill_mask_and_greedy_generate(model, ids, mask_id, shift):
+    """Content, not shapes: fill-mask keeps every unmasked token and puts at each masked
+    position p the argmax of the bidirectional logits at p - shift (the objective's convention);
+    greedy generation appends, step by step, the argmax of a full causal forward of what it has."""
+    at = [3, 5, 9, 14]
     masked = ids.clone()
-    masked[0, 5] = tok.mask_id
-    filled = fill_mask(model, masked, tok.mask_id, shift)
-    assert filled.shape == ids.shape and (filled != tok.mask_id).all()
+    masked[0, at] = mask_id
+    filled = fill_mask(model, masked, mask_id, shift)
+    keep = masked != mask_id
+    assert torch.equal(filled[keep], ids[keep])
+    with torch.no_grad():
+        logits = model(masked, causal=False)
+    want = logits[0, [p - shift for p in at]].argmax(-1)
+    assert torch.equal(filled[0, at], want), (filled[0, at], want)
+
     out = generate(model, ids[:, :8], 5, temperature=0)
-    assert out.shape == (1, 13)
+    assert out.shape == (1, 13) and torch.equal(out[:, :8], ids[:, :8])
+    with torch.no_grad():
+        for t in range(8, 13):
+            assert out[0, t] == model(out[:, :t], causal=True)[0, -1].argmax(), t
+
+
+def test_fill_mask_and_greedy_generate_content_on_an_untrained_model():
+    """The same checks without a trained run, for both masked-prediction conventions (shift 0:
+    BERT MLM, 1: GPT-BERT); a wrong shift picks the logits of the wrong position."""
+    model = tiny_model(3).eval()
+    ids = torch.randint(5, V, (1, 20), generator=torch.Generator().manual_seed(0))
+    for shift in (0, 1):
+        check_fill_mask_and_greedy_generate(model, ids, FakeTok.mask_id, shift)
 
 
 def test_generate_and_fill_mask_commands(tmp_path, monkeypatch):
@@ -180,13 +207,15 @@ def test_generate_and_fill_mask_commands(tmp_path, monkeypatch):
     meta_path.write_text(json.dumps(meta))
     renamed = subprocess.run(base + ["--fill-mask", "-p", "import [MASK]"], env=env, capture_output=True, text=True)
     assert renamed.stdout == f.stdout
-    meta["objective"]["masked_shift"] = 0  # and it is read: another convention fills differently
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(dict(meta, objective={"name": "gpt-bert", "masked_shift": 1})))
+    # the commands print what the library computes: greedy continuation, fill-mask with GPT-BERT's shift
     from lmtk.checkpoint import load_pretrained
-    from lmtk.models.infer import masked_logits
 
     model, tok, _ = load_pretrained("g", root=tmp_path / "runs")
+    greedy = subprocess.run(base + ["-p", "def main(", "-n", "6", "--temperature", "0"], env=env, capture_output=True, text=True)
+    ids = torch.tensor([tok.encode("def main(")])
+    assert greedy.stdout.rstrip("\n") == tok.decode(generate(model, ids, 6, temperature=0)[0].tolist())
     ids = torch.tensor([tok.encode("import ") + [tok.mask_id]])
-    assert not torch.equal(masked_logits(model, ids, 0)[0, -1], masked_logits(model, ids, 1)[0, -1])
+    assert f.stdout.rstrip("\n") == tok.decode(fill_mask(model, ids, tok.mask_id, shift=1)[0].tolist())
     bad = subprocess.run(base[:-1] + ["nope"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "error: no run named 'nope'" in bad.stderr

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 TINY = [
     "budget.hours=null", "budget.steps=4", "data.max_chars=300000", "tokenizer.vocab_size=512", "model.n_layers=2",
     "model.d_model=32", "model.n_heads=2", "data.seq_len=32", "train.batch_size=8", "train.micro_batch_size=4",
@@ -15,6 +17,7 @@ TINY = [
 
 
 def test_progress_metrics_and_wandb_offline(tmp_path):
+    pytest.importorskip("wandb")  # an optional extra (lmtk[wandb]); without it logger=wandb is an error
     env = dict(os.environ, LMTK_RUNS=str(tmp_path / "runs"), LMTK_CACHE=str(tmp_path / "cache"),
                WANDB_MODE="offline", WANDB_API_KEY="", WANDB_SILENT="true")
     p = subprocess.run([sys.executable, "-m", "lmtk", "train", *TINY, "run.name=w", "logger=wandb"],

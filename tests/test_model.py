@@ -120,17 +120,63 @@ def test_model_config_roundtrip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients():
+    """With the flag each block runs twice per step (forward, then again in backward instead of
+    keeping its activations); without it once. Same gradients either way."""
     batch = torch.randint(5, V, (2, 16))
-    grads = []
+    grads, calls = [], []
     for ckpt in (False, True):
         m = tiny()  # same seed, same weights
         m.train()
         m.activation_checkpointing = ckpt
+        n = [0]
+        for block in m.blocks:  # count calls of forward itself (the recompute skips module hooks)
+            def counted(*a, _forward=block.forward, **k):
+                n[0] += 1
+                return _forward(*a, **k)
+
+            block.forward = counted
         m(batch).float().logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
+        calls.append(n[0])
+        with torch.no_grad():  # evaluation never recomputes
+            n[0] = 0
+            m(batch)
+            assert n[0] == len(m.blocks)
+    assert calls == [len(m.blocks), 2 * len(m.blocks)]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
+
+
+@pytest.mark.parametrize("norm,kind,usual", [("layernorm", torch.nn.LayerNorm, 1e-5), ("rmsnorm", None, 1e-6)])
+def test_norm_eps_reaches_every_norm_and_null_keeps_the_usual(norm, kind, usual):
+    from lmtk.models.layers import RMSNorm
+
+    kind = kind or RMSNorm
+
+    def eps_of(model):
+        norms = [m for m in model.modules() if isinstance(m, kind)]
+        assert len(norms) == 2 * 2 + 2  # two per block, the embedding norm and the final norm
+        return {n.eps for n in norms}
+
+    assert eps_of(tiny(norm=norm, embedding_norm=True)) == {usual}
+    assert eps_of(tiny(norm=norm, embedding_norm=True, norm_eps=1e-3)) == {1e-3}
+    # a model.json written before the key existed rebuilds the same model
+    old = ModelConfig(vocab_size=V, norm=norm).to_dict()
+    del old["norm_eps"]
+    assert ModelConfig.from_dict(old) == ModelConfig(vocab_size=V, norm=norm)
+    assert ModelConfig.from_dict(old).norm_eps is None
+
+
+def test_model_norm_eps_from_the_config():
+    from lmtk.config import compose
+
+    assert compose("cramming-bert", ["model.norm_eps=1e-12"]).model.norm_eps == 1e-12
+    assert compose("default", []).model.norm_eps is None
+    with pytest.raises(UserError, match="norm_eps"):
+        compose("default", ["model.norm_eps=0"])
+    cfg = model_config(compose("default", ["model.norm_eps=1e-4"]).model, 1000)
+    assert build_model(cfg).final_norm.eps == 1e-4
 
 
 def test_rope_beyond_max_seq_len_extends_the_table():

@@ -78,24 +78,43 @@ def wait_for_step(run: Path, step: int, proc, timeout=120.0):
 
 
 # ---- 1. exact resume after SIGKILL at a random step ------------------------------------
+def kill_step(lo: int = 5, hi: int = 21) -> tuple[int, str]:
+    """A random step in [lo, hi] and how to replay it: the seed comes from LMTK_KILL_SEED when
+    set (replaying a failure), else a fresh one; both end up in the assertion messages."""
+    seed = int(os.environ.get("LMTK_KILL_SEED") or random.randrange(2**32))
+    step = random.Random(seed).randint(lo, hi)
+    return step, f"killed at step {step} (replay: LMTK_KILL_SEED={seed})"
+
+
+def test_kill_step_replays_from_its_seed(monkeypatch):
+    monkeypatch.setenv("LMTK_KILL_SEED", "1234")
+    assert kill_step() == kill_step() and "LMTK_KILL_SEED=1234" in kill_step()[1]
+    monkeypatch.delenv("LMTK_KILL_SEED")
+    assert len({kill_step()[0] for _ in range(50)}) > 1  # and random without it
+
+
 def test_sigkill_at_random_step_then_resume_equals_uninterrupted(env):
     runs, e = env
     args = TINY + ["budget.steps=24", "checkpoint.every=4", "checkpoint.keep=2"]
     straight = lmtk(["train", *args, "run.name=straight"], e)
     assert straight.returncode == 0, straight.stderr
-    kill_at = random.Random().randint(5, 21)
+    kill_at, replay = kill_step()
+    print(replay)
     proc = subprocess.Popen([sys.executable, "-m", "lmtk", "train", *args, "run.name=killed"], env=e,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_step(runs / "killed", kill_at, proc)
+    try:
+        wait_for_step(runs / "killed", kill_at, proc)
+    except AssertionError as err:
+        raise AssertionError(f"{replay}: {err}") from None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert json.loads((runs / "killed" / "run.json").read_text())["status"] == "running"  # a real crash
+    assert json.loads((runs / "killed" / "run.json").read_text())["status"] == "running", replay  # a real crash
     resumed = lmtk(["train", *args, "run.name=killed", "resume=auto"], e)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
-    assert losses(runs / "killed") == losses(runs / "straight")  # same history, no duplicate rows
-    assert same_weights(runs / "killed/checkpoints/final", runs / "straight/checkpoints/final")
-    assert json.loads((runs / "killed" / "run.json").read_text())["status"] == "done"
+    assert resumed.returncode == 0, f"{replay}\n{resumed.stderr}"
+    assert "resumed from" in resumed.stderr, replay
+    assert losses(runs / "killed") == losses(runs / "straight"), replay  # same history, no duplicate rows
+    assert same_weights(runs / "killed/checkpoints/final", runs / "straight/checkpoints/final"), replay
+    assert json.loads((runs / "killed" / "run.json").read_text())["status"] == "done", replay
 
 
 # ---- 2. atomic checkpoints ---------------------------------------------------------------

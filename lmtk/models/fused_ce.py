@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 1024  # rows per chunk; chosen by measurement (bench/RESULTS.md, "vs Hugging Face")
+DEFAULT_CHUNK = 1024  # rows per chunk (objective.head_chunk's default); chosen by measurement (bench/RESULTS.md, "vs Hugging Face")
 
 
 _WORKSPACE: dict = {}

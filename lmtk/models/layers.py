@@ -19,8 +19,13 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def make_norm(kind: str, d: int, bias: bool) -> nn.Module:
-    return RMSNorm(d) if kind == "rmsnorm" else nn.LayerNorm(d, bias=bias)
+NORM_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}  # each norm's usual epsilon (model.norm_eps: null)
+
+
+def make_norm(kind: str, d: int, bias: bool, eps: float | None = None) -> nn.Module:
+    """LayerNorm or RMSNorm over the last dimension; eps None: the norm's usual (NORM_EPS)."""
+    eps = NORM_EPS[kind] if eps is None else eps
+    return RMSNorm(d, eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps, bias=bias)
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:

@@ -31,6 +31,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm: str = "layernorm"
     norm_position: str = "pre"
+    norm_eps: Optional[float] = None  # None: the norm's usual (layers.NORM_EPS); model.json written before it has none
     embedding_norm: bool = False
     bias: bool = True
     mlp: str = "gelu"
@@ -58,9 +59,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.pre = cfg.norm_position == "pre"
-        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.mixer = build_mixer(cfg, layer)
-        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout)
 
     def forward(self, x, causal: bool = True):
@@ -93,10 +94,10 @@ class LanguageModel(nn.Module):
             # Shape [1], not a scalar: FSDP2 cannot shard 0-dim parameters.
             self.pos_scale = nn.Parameter(torch.full((1,), cfg.init_std * 2**0.5))
             self._register_load_state_dict_pre_hook(_scalar_pos_scale)
-        self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias) if cfg.embedding_norm else nn.Identity()
+        self.embed_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps) if cfg.embedding_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias) if cfg.norm_position == "pre" else nn.Identity()
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps) if cfg.norm_position == "pre" else nn.Identity()
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -132,11 +133,13 @@ class LanguageModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)
 
-    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                  chunk: Optional[int] = None) -> torch.Tensor:
         """Mean cross-entropy of logits(h) against `targets` (positions whose target is
-        `ignore_index` excluded), computed in chunks of rows so that neither the [N, vocab]
-        logits nor their gradient is ever materialised (models/fused_ce.py)."""
-        return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index)
+        `ignore_index` excluded), computed in chunks of `chunk` rows (objective.head_chunk;
+        None: fused_ce.DEFAULT_CHUNK) so that neither the [N, vocab] logits nor their gradient
+        is ever materialised (models/fused_ce.py)."""
+        return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index, chunk=chunk)
 
     def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True) -> torch.Tensor:
         h = self.hidden(idx, causal)

@@ -35,6 +35,7 @@ class Objective(abc.ABC):
         # training loss through model.head_loss (fused, chunked head + cross-entropy) unless
         # objective.fused_head=false; validation always runs the plain head (it needs per-target nll)
         self.fused_head = bool(getattr(cfg, "fused_head", True))
+        self.head_chunk = getattr(cfg, "head_chunk", None)  # rows per chunk of the fused head (None: its default)
 
     @abc.abstractmethod
     def predict(self, model, batch: torch.Tensor, gen: torch.Generator):
@@ -64,7 +65,7 @@ class Objective(abc.ABC):
         nll(), without materialising the logits when gradients are wanted (model.head_loss)."""
         targets = batch.gather(1, pos)
         if self.fused_head and torch.is_grad_enabled():
-            return model.head_loss(h, targets)
+            return model.head_loss(h, targets, chunk=self.head_chunk)
         return _nll(model.logits(h), targets).mean()
 
 

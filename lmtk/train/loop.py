@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmtk.device import autocast
+from lmtk.device import autocast, peak_tflops
 from lmtk.errors import UserError
 from lmtk.train.budget import Budget, TrainState, micro_steps
 from lmtk.train.optim import build_optimizer
@@ -115,16 +115,6 @@ def evaluate(job: Job, model=None) -> dict:
     return out
 
 
-def _peak_tflops(cfg, device: torch.device) -> float | None:
-    if cfg.train.peak_tflops:
-        return float(cfg.train.peak_tflops)
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    table = {"h200": 989, "h100": 989, "a100": 312, "l40": 181, "4090": 165, "a10": 125, "3090": 71, "v100": 125, "t4": 65}
-    return next((v for k, v in table.items() if k in name), None)
-
-
 class _Signals:
     """First Ctrl-C / SIGTERM: finish the step and checkpoint. Second: exit at once (rank 0
     marks the run interrupted and releases its lock first). Only rank 0 speaks. Under a
@@ -210,8 +200,8 @@ class _StepModel:
     def logits(self, h):
         return self.model.logits(h)
 
-    def head_loss(self, h, targets):
-        return self.model.head_loss(h, targets)
+    def head_loss(self, h, targets, **kw):
+        return self.model.head_loss(h, targets, **kw)
 
     def sync(self, last: bool):
         # FSDP reduce-scatters after every micro-batch: skipping it would hold full-size
@@ -370,7 +360,7 @@ def fit(job: Job) -> dict:
     clock = _Clock(state.seconds)
     meter = _Meter(device, state, clock)
     guard = _Guard(state, cfg.guard.max_bad_steps, device)
-    peak = _peak_tflops(cfg, device)
+    peak = peak_tflops(device, tc.peak_tflops)
     flops_tok = job.model.flops_per_token(cfg.data.seq_len, job.objective.head_fraction)
     world, L = dist.world, cfg.data.seq_len
     metrics: dict = {}

@@ -62,10 +62,61 @@ def check_parallel(cfg, world: int, dtype) -> str | None:
     return note
 
 
+# fp32 matmul throughput of one CPU thread, measured on the project's 2-core machine (~70 GFLOP/s
+# for both); training steps of large models run near it, small ones below it (bench/RESULTS.md).
+CPU_GFLOPS_PER_THREAD = 35.0
+# the note fires for a run of at least this many seconds that sees fewer tokens than the model
+# has (non-embedding) parameters: far too little for that model to learn much
+NOTE_MIN_SECONDS = 600
+
+
+def cpu_budget_note(cfg, dev: torch.device) -> str | None:
+    """One line for a GPU-sized run started on a CPU (e.g. `lmtk train cramming-bert` on a
+    laptop): the expected tokens/s here (the model's training FLOPs per token against the CPU's
+    matmul rate), what the budget buys and how to shrink it. None when the run fits a CPU.
+    Decided from the config alone: the model is built on the meta device (no memory, no init)."""
+    if dev.type != "cpu":
+        return None
+    from lmtk.models import LanguageModel, padded_vocab
+
+    m = cfg.model
+    try:
+        mcfg = model_config(m, m.vocab_size or padded_vocab(cfg.tokenizer.vocab_size))
+    except UserError:
+        return None  # a bad model config fails with its own message later
+    with torch.device("meta"):
+        model = LanguageModel(mcfg)
+    head_fraction = cfg.objective.mask_rate if cfg.objective.name == "mlm" else 1.0
+    flops = model.flops_per_token(cfg.data.seq_len, head_fraction)
+    rate = CPU_GFLOPS_PER_THREAD * 1e9 * torch.get_num_threads()
+    tok_s = rate / flops
+    b = cfg.budget
+    planned = [t for t in (
+        b.steps * cfg.train.batch_size * cfg.data.seq_len if b.steps else None,
+        b.tokens,
+        b.hours * 3600 * tok_s if b.hours else None,
+    ) if t]
+    if not planned:  # an epoch budget alone: its size is known only after tokenising
+        return None
+    tokens = min(planned)
+    seconds = tokens / tok_s
+    params = model.num_params(embeddings=False)
+    if seconds < NOTE_MIN_SECONDS or tokens >= params:
+        return None
+    took = "" if b.hours and tokens == planned[-1] else (
+        f" in ~{seconds / 3600:.1f} h" if seconds >= 3600 else f" in ~{seconds / 60:.0f} min")
+    return (
+        f"note: {cfg.recipe} is sized for a GPU: its {params / 1e6:.0f}M-parameter model runs at ~{tok_s:,.0f} tok/s "
+        f"on this CPU ({flops / 1e9:.2f} GFLOP/token at ~{rate / 1e9:.0f} GFLOP/s), so budget {_budget(cfg)} buys "
+        f"~{tokens / 1e6:.1f}M tokens{took}, fewer than it has parameters; to train on a CPU shrink it, "
+        f"e.g. model=small-gpt tokenizer.vocab_size=1024 budget.hours=0.05 (or budget.steps=N)"
+    )
+
+
 def run(cfg, recipe: str, overrides: list[str]) -> dict:
     from lmtk import dist as distributed
 
-    dev, dtype = devices.resolve(cfg.device, cfg.precision)
+    dev, dtype = devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)
     dist = distributed.init(dev.type, cfg.launcher.strategy)
     try:
         if dist.enabled and dev.type == "cuda":
@@ -73,6 +124,9 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
         note = check_parallel(cfg, dist.world, dtype)
         if note and dist.main:
             console.print(note)
+        cpu_note = cpu_budget_note(cfg, dev) if dist.main else None
+        if cpu_note:
+            console.print(cpu_note, markup=False, soft_wrap=True)
         summary = _run(cfg, recipe, overrides, dev, dtype, dist)
         dist.barrier()  # leave together: a rank tearing down gloo while rank 0 still works can abort
         return summary
