@@ -160,8 +160,9 @@ def main() -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted (second Ctrl-C): stopped at once, without a checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside training (tokenising, set-up): nothing to checkpoint yet
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
         from lmtk.train.loop import Interrupted
