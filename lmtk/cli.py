@@ -115,6 +115,7 @@ def generate(
     max_new: int = typer.Option(100, "--max-new", "-n", help="tokens to generate"),
     temperature: float = typer.Option(0.8, help="0: greedy"),
     top_k: int = typer.Option(50, help="sample from the k most likely tokens (0: all)"),
+    top_p: float = typer.Option(1.0, help="sample from the smallest set of tokens whose probability reaches p (1: all)"),
     seed: int = typer.Option(0),
     fill_mask: bool = typer.Option(False, "--fill-mask", help="instead: replace each [MASK] in the prompt (masked LM)"),
     root: str = typer.Option(None, "--root", help="runs directory (default: $LMTK_RUNS or ./runs)"),
@@ -141,7 +142,9 @@ def generate(
         ids = tok.encode(prompt) or [tok.eos_id]
         gen = torch.Generator().manual_seed(seed)
         # past max_seq_len the model sees the last max_seq_len tokens (a sliding window)
-        out = infer.generate(model, torch.tensor([ids]), max_new, temperature, top_k or None, gen, model.cfg.max_seq_len)
+        if not 0 < top_p <= 1:
+            raise UserError(f"--top-p {top_p} must be in (0, 1]")
+        out = infer.generate(model, torch.tensor([ids]), max_new, temperature, top_k or None, gen, model.cfg.max_seq_len, top_p)
     typer.echo(tok.decode(out[0].tolist()))
 
 

@@ -177,6 +177,10 @@ def _check(cfg) -> None:
     m = cfg.model
     if m.d_model % m.n_heads:
         raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.n_kv_heads is not None and (m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads):
+        raise UserError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
+    if m.window is not None and m.window < 1:
+        raise UserError(f"model.window={m.window} must be at least 1 (null: attend to every earlier key)")
     if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
         raise UserError("rope needs an even head dimension (model.d_model / model.n_heads)")
     if m.positions in ("learned", "sinusoidal") and cfg.data.seq_len > m.max_seq_len:

@@ -23,6 +23,8 @@ class ModelCfg:
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention: key/value heads, dividing n_heads (null: n_heads)
+    window: Optional[int] = None  # sliding-window attention: keys each query sees, itself included (null: all)
     d_ff: Optional[int] = None  # default: 4*d (gelu) or 8/3*d rounded to 64 (gated)
     vocab_size: Optional[int] = None  # filled from the tokenizer
     max_seq_len: int = 1024  # only learned positions need it

@@ -15,22 +15,44 @@ def causal_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           gen: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B, 1] from last-position logits [B, V]: greedy at temperature 0, else from
+    the softmax at `temperature`, kept to the top_k most likely and to the smallest set whose
+    probability reaches top_p (nucleus sampling)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # tokens whose predecessors already reach top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=gen)
+
+
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, max_new: int, temperature: float = 1.0, top_k: int | None = None,
-             gen: torch.Generator | None = None, max_len: int | None = None) -> torch.Tensor:
-    """Sample max_new tokens after ids ([B, T]); temperature 0 is greedy."""
+             gen: torch.Generator | None = None, max_len: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Sample max_new tokens after ids ([B, T]) with incremental decoding: the prompt is one
+    forward (prefill) that fills the model's cache (KV cache / recurrent state), then each new
+    token is one step on it. Past max_len tokens the model sees the last max_len (a sliding
+    window: the cache is rebuilt from them every step)."""
+    max_len = max_len or model.cfg.max_seq_len
+    cache = model.new_cache()
+    logits = model(ids[:, -max_len:], causal=True, cache=cache)[:, -1]
     for _ in range(max_new):
-        ctx = ids if max_len is None else ids[:, -max_len:]
-        logits = model(ctx, causal=True)[:, -1].float()
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=gen)
+        nxt = sample(logits, temperature, top_k, top_p, gen)
         ids = torch.cat([ids, nxt], dim=1)
+        if cache.offset + 1 <= max_len:
+            logits = model(nxt, causal=True, cache=cache)[:, -1]
+        else:
+            cache = model.new_cache()
+            logits = model(ids[:, -max_len:], causal=True, cache=cache)[:, -1]
     return ids
 
 

@@ -83,10 +83,12 @@ class Rotary(nn.Module):
         freqs = torch.outer(torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
         return freqs.cos(), freqs.sin()
 
-    def cos_sin(self, T: int, dtype):
-        # longer than max_seq_len (e.g. generating past it): computed for this call only
-        cos, sin = (self.cos[:T], self.sin[:T]) if T <= len(self.cos) else self._table(T)
-        return cos.to(dtype), sin.to(dtype)
+    def cos_sin(self, T: int, dtype, offset: int = 0):
+        """Tables for positions offset .. offset+T-1 (decoding continues at an offset)."""
+        end = offset + T
+        # past max_seq_len (e.g. generating past it): computed for this call only
+        cos, sin = (self.cos, self.sin) if end <= len(self.cos) else self._table(end)
+        return cos[offset:end].to(dtype), sin[offset:end].to(dtype)
 
     def forward(self, x, cos, sin):
         x1, x2 = x[..., 0::2], x[..., 1::2]

@@ -25,6 +25,8 @@ class ModelConfig:
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention: key/value heads (None: n_heads)
+    window: Optional[int] = None  # sliding-window attention: keys each query sees (None: all)
     d_ff: Optional[int] = None
     max_seq_len: int = 1024
     positions: str = "learned"
@@ -64,12 +66,15 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout)
 
-    def forward(self, x, causal: bool = True):
+    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
+        """(x, the mixer's new state): state, offset and decode carry decoding (models/mixers)."""
         if self.pre:
-            x = x + self.mixer(self.norm1(x), causal=causal)
-            return x + self.mlp(self.norm2(x))
-        x = self.norm1(x + self.mixer(x, causal=causal))
-        return self.norm2(x + self.mlp(x))
+            h, state = self.mixer(self.norm1(x), causal=causal, state=state, offset=offset, decode=decode)
+            x = x + h
+            return x + self.mlp(self.norm2(x)), state
+        h, state = self.mixer(x, causal=causal, state=state, offset=offset, decode=decode)
+        x = self.norm1(x + h)
+        return self.norm2(x + self.mlp(x)), state
 
 
 def _scalar_pos_scale(state_dict, prefix, *args) -> None:
@@ -77,6 +82,15 @@ def _scalar_pos_scale(state_dict, prefix, *args) -> None:
     key = prefix + "pos_scale"
     if key in state_dict and state_dict[key].dim() == 0:
         state_dict[key] = state_dict[key].reshape(1)
+
+
+@dataclass
+class DecodeCache:
+    """Decoding state of a LanguageModel: one mixer state per layer (a KV cache for attention,
+    the recurrent state for recurrent mixers) and the number of positions already seen."""
+
+    states: list
+    offset: int = 0
 
 
 class LanguageModel(nn.Module):
@@ -114,21 +128,40 @@ class LanguageModel(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, std)
 
-    def hidden(self, idx: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, causal: bool = True, cache: "DecodeCache | None" = None) -> torch.Tensor:
+        """Final hidden states [B, T, D]. With a cache (decoding), idx continues the cached
+        sequence: positions start at cache.offset, each layer reads and replaces its state."""
         T = idx.shape[1]
+        start = 0 if cache is None else cache.offset
+        if start + T > self.cfg.max_seq_len and self.cfg.positions in ("learned", "sinusoidal"):
+            raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.cfg.max_seq_len} (a table of that many rows)")
         x = self.embed(idx)
         if self.cfg.positions == "learned":
-            x = x + self.pos.weight[:T]
+            x = x + self.pos.weight[start:start + T]
         elif self.cfg.positions == "sinusoidal":
-            x = x + (self.pos_scale * self.pos_table[:T]).to(x.dtype)
+            x = x + (self.pos_scale * self.pos_table[start:start + T]).to(x.dtype)
         x = self.drop(self.embed_norm(x))
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x, cache.states[i] = block(x, causal=causal, state=cache.states[i], offset=start, decode=True)
+            elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # recompute the block in backward instead of storing its activations
-                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)[0]
             else:
-                x = block(x, causal=causal)
+                x = block(x, causal=causal)[0]
+        if cache is not None:
+            cache.offset += T
         return self.final_norm(x)
+
+    def new_cache(self) -> "DecodeCache":
+        """An empty decoding cache: give it to hidden()/forward() call after call."""
+        return DecodeCache([None] * len(self.blocks))
+
+    @property
+    def causal_only(self) -> bool:
+        """Whether some layer's mixer cannot read bidirectionally (recurrent mixers): then the
+        model has no masked (MLM) reading."""
+        return any(getattr(b.mixer, "causal_only", False) for b in self.blocks)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)
@@ -141,8 +174,8 @@ class LanguageModel(nn.Module):
         is ever materialised (models/fused_ce.py)."""
         return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index, chunk=chunk)
 
-    def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True) -> torch.Tensor:
-        h = self.hidden(idx, causal)
+    def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True, cache=None) -> torch.Tensor:
+        h = self.hidden(idx, causal, cache)
         return self.logits(h) if head else h
 
     def compile_blocks(self) -> None:
@@ -163,4 +196,4 @@ class LanguageModel(nn.Module):
         c = self.cfg
         body = self.num_params(embeddings=False) - (0 if c.tie_embeddings else self.head.weight.numel())
         head = c.vocab_size * c.d_model * head_fraction
-        return 6 * (body + head) + 12 * c.n_layers * c.d_model * seq_len
+        return 6 * (body + head) + sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)

@@ -1,8 +1,18 @@
 """Multi-head softmax attention on F.scaled_dot_product_attention (flash / efficient kernels
-on GPU; no materialised mask: `is_causal` selects the causal kernel)."""
+on GPU), with grouped-query heads, an optional sliding window and a KV cache for decoding.
+
+    q = x W_q,  k = x W_k,  v = x W_v        (n_kv_heads <= n_heads: each k/v head serves a group)
+    o_i = sum_{j in N(i)} softmax_j(q_i k_j / sqrt(d)) v_j
+    N(i) = {j <= i}  (causal; and j > i - window with a sliding window) | all j (bidirectional)
+
+Decoding passes the cache of earlier positions as `state` = (k, v) [B, n_kv_heads, S, Dh] and
+the absolute position of the first new token as `offset`. Queries then sit at the bottom right
+of the score matrix (query i is position offset + i); SDPA's `is_causal` aligns them top-left,
+so with a cache (or a window) the mask is built explicitly."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -10,24 +20,63 @@ from lmtk.models.layers import Rotary
 
 
 class Attention(nn.Module):
+    causal_only = False  # softmax attention reads both ways: masked objectives can use it
+
     def __init__(self, cfg, layer: int):
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.n_kv = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.window = cfg.window
+        # one projection for q, k and v: [H + 2 Hkv] heads (the layout of 3 x d when Hkv == H)
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.out.is_residual_out = True
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.rotary = Rotary(self.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.positions == "rope" else None
 
-    def forward(self, x, causal: bool = True):
+    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
+        """(y [B, T, D], new state). Decoding (decode=True) returns the KV cache extended by this
+        call's keys and values (cut to the window); training returns None."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        Dh = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_heads * Dh, self.n_kv * Dh, self.n_kv * Dh], dim=-1)
+        q = q.view(B, T, self.n_heads, Dh).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, Dh).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, Dh).transpose(1, 2)
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(T, q.dtype)
+            cos, sin = self.rotary.cos_sin(T, q.dtype, offset)
             q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        if state is not None:
+            k = torch.cat([state[0], k], dim=2)
+            v = torch.cat([state[1], v], dim=2)
+        mask, is_causal = self._mask(T, k.shape[2], causal, x.device)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_heads,
         )
-        return self.resid_drop(self.out(y.transpose(1, 2).reshape(B, T, D)))
+        new_state = None
+        if decode:
+            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+            new_state = (k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:])
+        return self.resid_drop(self.out(y.transpose(1, 2).reshape(B, T, D))), new_state
+
+    def _mask(self, T: int, S: int, causal: bool, device):
+        """(boolean mask [T, S] or None, is_causal) for T queries at the bottom right of S keys."""
+        if not causal:
+            return None, False
+        if S == T and self.window is None:
+            return None, True  # SDPA's causal kernel: no mask tensor
+        i = torch.arange(T, device=device)[:, None] + (S - T)  # the queries' positions among the keys
+        j = torch.arange(S, device=device)[None, :]
+        allowed = j <= i
+        if self.window is not None:
+            allowed &= j > i - self.window
+        return allowed, False
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of the score and value matmuls (fwd + bwd): 12 x width x the
+        keys each query sees (PaLM's 12 L H Q T, per layer)."""
+        keys = seq_len if self.window is None else min(seq_len, self.window)
+        return 12 * self.n_heads * self.head_dim * keys

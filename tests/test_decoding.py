@@ -1,0 +1,124 @@
+"""Cached decoding: prefill + one token at a time through the KV cache gives the full forward
+pass's logits, for every position kind, grouped-query and sliding-window attention; the mask
+is bottom-right aligned when queries are fewer than keys; sampling's top-k/top-p."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmtk.models import LanguageModel, ModelConfig
+from lmtk.models.infer import generate, sample
+
+V = 97
+
+
+def model(**kw) -> LanguageModel:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, positions="rope", norm="rmsnorm",
+               mlp="swiglu", bias=False)
+    cfg.update(kw)
+    m = LanguageModel(ModelConfig(**cfg)).eval()
+    with torch.no_grad():  # break the init's symmetry of the position tables
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m
+
+
+CASES = {
+    "rope": {}, "learned": {"positions": "learned"}, "sinusoidal": {"positions": "sinusoidal"},
+    "none": {"positions": "none"}, "gqa": {"n_kv_heads": 2}, "mqa": {"n_kv_heads": 1},
+    "window": {"window": 5}, "window-gqa": {"window": 3, "n_kv_heads": 2},
+    "post-norm": {"norm_position": "post", "norm": "layernorm", "bias": True},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_token_by_token_equals_full_forward(case):
+    m = model(**CASES[case])
+    ids = torch.randint(0, V, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache()
+        steps = [m(ids[:, :7], cache=cache)]  # prefill of 7, then one token at a time
+        steps += [m(ids[:, t:t + 1], cache=cache) for t in range(7, 23)]
+    assert cache.offset == 23
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4), (torch.cat(steps, 1) - full).abs().max()
+
+
+@pytest.mark.parametrize("case", ["rope", "window", "gqa"])
+def test_chunked_prefill_is_bottom_right_causal(case):
+    """Queries fewer than keys (a second chunk after a cached first) see every earlier key:
+    SDPA's is_causal would align them top-left and hide most of the cache."""
+    m = model(**CASES[case])
+    ids = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache()
+        parts = [m(ids[:, :8], cache=cache), m(ids[:, 8:15], cache=cache), m(ids[:, 15:], cache=cache)]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-4)
+
+
+def test_sliding_window_sees_only_the_last_keys():
+    """A window of w: the output at i does not depend on tokens before i - w + 1 (one layer)."""
+    m = model(window=4, n_layers=1)
+    a = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(3))
+    b = a.clone()
+    b[0, :6] = (b[0, :6] + 1) % V  # change tokens 0..5: outputs from 9 on cannot see them
+    with torch.no_grad():
+        ya, yb = m(a), m(b)
+    assert torch.allclose(ya[0, 9:], yb[0, 9:], atol=1e-6) and not torch.allclose(ya[0, 6:9], yb[0, 6:9])
+
+
+def test_grouped_query_equals_repeated_key_value_heads():
+    """GQA with 2 kv heads == full multi-head attention whose k/v heads are those 2, repeated."""
+    g = model(n_kv_heads=2, n_layers=1)
+    full = model(n_layers=1)
+    att_g, att_f = g.blocks[0].mixer, full.blocks[0].mixer
+    Dh, H = att_g.head_dim, att_g.n_heads
+    with torch.no_grad():
+        for name in ("embed", "blocks.0.norm1", "blocks.0.norm2", "blocks.0.mlp", "final_norm", "blocks.0.mixer.out"):
+            src, dst = g.get_submodule(name), full.get_submodule(name)
+            dst.load_state_dict(src.state_dict())
+        wq, wk, wv = att_g.qkv.weight.split([H * Dh, 2 * Dh, 2 * Dh])
+        rep = lambda w: w.view(2, Dh, -1).repeat_interleave(H // 2, dim=0).reshape(H * Dh, -1)  # noqa: E731
+        att_f.qkv.weight.copy_(torch.cat([wq, rep(wk), rep(wv)]))
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(g(ids), full(ids), atol=1e-5)
+    assert g.num_params() < full.num_params()
+
+
+def test_generate_with_the_cache_equals_greedy_full_forwards():
+    m = model()
+    ids = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(5))
+    out = generate(m, ids, 30, temperature=0, max_len=20)  # past max_len: the window slides
+    ref = ids
+    with torch.no_grad():
+        for _ in range(30):
+            ref = torch.cat([ref, m(ref[:, -20:])[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ref)
+
+
+def test_top_p_and_top_k_keep_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, None, 0.7, gen)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are cut
+    draws = {int(sample(logits, 1.0, 3, None, gen)) for _ in range(300)}
+    assert draws == {0, 1, 2}
+    assert int(sample(logits, 0.0)) == 0
+
+
+def test_flops_per_token_come_from_the_mixers():
+    base, window = model(), model(window=8)
+    assert base.flops_per_token(64) - window.flops_per_token(64) == 2 * 12 * 32 * (64 - 8)
+
+
+def test_learned_positions_past_the_table_are_a_clear_error():
+    m = model(positions="learned", max_seq_len=8)
+    cache = m.new_cache()
+    with torch.no_grad():
+        m(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="exceed max_seq_len=8"):
+            m(torch.zeros(1, 1, dtype=torch.long), cache=cache)
