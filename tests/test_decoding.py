@@ -122,3 +122,49 @@ def test_learned_positions_past_the_table_are_a_clear_error():
         m(torch.zeros(1, 8, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="exceed max_seq_len=8"):
             m(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+class _LeftToRight(torch.nn.Module):
+    """A stand-in for a recurrent mixer: causal only (a cumulative mean of a projection)."""
+
+    causal_only = True
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.proj = torch.nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, causal=True, state=None, offset=0, decode=False):
+        h = self.proj(x)
+        prev_sum, prev_n = state if state is not None else (torch.zeros_like(h[:, :1]), offset)
+        csum = prev_sum + h.cumsum(1)
+        n = prev_n + torch.arange(1, h.shape[1] + 1, device=h.device)[None, :, None]
+        return csum / n, ((csum[:, -1:], prev_n + h.shape[1]) if decode else None)
+
+    def flops_per_token(self, seq_len):
+        return 0.0
+
+
+@pytest.fixture
+def left_to_right(monkeypatch):
+    from lmtk.models import mixers
+
+    monkeypatch.setitem(mixers.MIXERS, "attention", _LeftToRight)
+
+
+def test_causal_only_mixer_validates_the_causal_reading_only(left_to_right, lmtk_env):
+    import helpers
+
+    res = helpers.train(*helpers.TINY, "budget.steps=2", "run.name=ltr")
+    rows = helpers.metrics(lmtk_env.runs / "ltr")
+    assert any("val/clm_loss" in r for r in rows) and not any("val/mlm_loss" in r for r in rows)
+    assert "causal reading only" in res.output
+
+
+def test_masked_objective_with_a_causal_only_mixer_is_refused(left_to_right, lmtk_env):
+    import helpers
+
+    from lmtk.errors import UserError
+
+    res = helpers.cli("train", *helpers.TINY, "budget.steps=2", "objective=mlm", "run.name=m")
+    assert isinstance(res.exception, UserError) and "cannot give (it reads left to right)" in str(res.exception)
+    assert not (lmtk_env.runs / "m").exists()

@@ -25,6 +25,7 @@ class Objective(abc.ABC):
     masked_shift = 0  # masked predictions: the output at p - masked_shift predicts token p
     val_key = "clm"  # which val/<key>_loss is this objective's val/loss
     head_fraction = 1.0  # share of positions the LM head runs on (for FLOPs / MFU)
+    bidirectional = False  # trains a masked (bidirectional) reading: needs mixers that read both ways
 
     def __init__(self, cfg, tok):
         self.cfg = cfg
@@ -90,6 +91,7 @@ class MLM(Objective):
 
     name = "mlm"
     val_key = "mlm"
+    bidirectional = True
 
     def __init__(self, cfg, tok, rate: float | None = None):
         super().__init__(cfg, tok)
@@ -118,10 +120,14 @@ class MLM(Objective):
         return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])), pos
 
 
-def build_objective(cfg, tok) -> Objective:
+def objective_class(name: str) -> type[Objective]:
     from lmtk.objectives.hybrid import GPTBERT, AntLM
 
-    OBJECTIVES = {"clm": CLM, "mlm": MLM, "antlm": AntLM, "gpt-bert": GPTBERT}
-    if cfg.name not in OBJECTIVES:
-        raise UserError(f"unknown objective '{cfg.name}'; choices: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[cfg.name](cfg, tok)
+    classes = {"clm": CLM, "mlm": MLM, "antlm": AntLM, "gpt-bert": GPTBERT}
+    if name not in classes:
+        raise UserError(f"unknown objective '{name}'; choices: {', '.join(classes)}")
+    return classes[name]
+
+
+def build_objective(cfg, tok) -> Objective:
+    return objective_class(cfg.name)(cfg, tok)

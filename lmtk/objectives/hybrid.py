@@ -34,6 +34,7 @@ def parse_phases(phases) -> list[tuple[str, float]]:
 
 class AntLM(Objective):
     name = "antlm"
+    bidirectional = True
 
     def __init__(self, cfg, tok):
         super().__init__(cfg, tok)
@@ -75,6 +76,7 @@ class MaskedNextToken(MLM):
 
 class GPTBERT(Objective):
     name = "gpt-bert"
+    bidirectional = True
     masked_shift = 1
 
     def __init__(self, cfg, tok):

@@ -147,6 +147,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
 
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "model.vocab_size", mcfg.vocab_size)
+    _check_mixer_reads_both_ways(cfg, mcfg)
     data_meta = {"train_tokens": int(cache.meta["train_tokens"]), "val_tokens": int(cache.meta["val_tokens"])}
     # checks that refuse a resume before any run directory is created or changed
     same = ckpt is not None and resume.same_run(cfg, name, ckpt)
@@ -179,6 +180,15 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         rundir.unlock()
 
 
+def _check_mixer_reads_both_ways(cfg, mcfg) -> None:
+    from lmtk.models.mixers import causal_only
+    from lmtk.objectives import objective_class
+
+    if causal_only(mcfg) and objective_class(cfg.objective.name).bidirectional:
+        raise UserError(f"objective={cfg.objective.name} trains a masked (bidirectional) reading, which model.mixer={mcfg.mixer} "
+                        "cannot give (it reads left to right); use objective=clm")
+
+
 def _describe(dev: torch.device, dtype: torch.dtype, world: int = 1, strategy: str = "ddp") -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     ranks = f" x {world} ranks, {strategy}" if world > 1 else ""
@@ -190,10 +200,18 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
     val_objectives = objective.val_objectives(cfg.val.mask_rate)
+    if model.causal_only:  # a recurrent mixer has no masked reading: validate the causal one only
+        val_objectives.pop("mlm", None)
+        if rundir is not None:
+            sinks_note = f"validation: causal reading only (model.mixer={mcfg.mixer} reads left to right)"
+    else:
+        sinks_note = None
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
     n_params = model.num_params()
+    if sinks_note:
+        sinks.console.message(sinks_note)
     if rundir is not None:
         sinks.console.message(
             f"[bold]{cfg.run.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params | {objective.name} | "

@@ -19,3 +19,9 @@ MIXERS = {"attention": Attention}
 
 def build_mixer(cfg, layer: int):
     return MIXERS[cfg.mixer](cfg, layer)
+
+
+def causal_only(cfg) -> bool:
+    """Whether a model of this config has a layer that cannot read bidirectionally (decided
+    from the mixer classes, before any model is built)."""
+    return bool(getattr(MIXERS[cfg.mixer], "causal_only", False))
