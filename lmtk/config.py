@@ -78,10 +78,10 @@ def _compose_raw(recipe: str, overrides: list[str]) -> DictConfig:
 
 def _override_error(recipe: str, overrides: list[str], err: Exception) -> UserError:
     msg = str(err)
-    m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+    m = re.search(r"Could not find '([^']+)/([^/']+)'", msg)
     if m:
-        group, option = m.groups()
-        if group not in groups():
+        group, option = m.groups()  # group may be nested: model/mixer
+        if not (conf_dir() / group).is_dir():
             return UserError(f"unknown config group '{group}'{suggest(group, groups())}")
         return UserError(
             f"unknown option '{option}' for {group}{suggest(option, group_options(group))}; "
@@ -159,7 +159,22 @@ def validate(raw: DictConfig, extras: Iterable[str] = ()) -> DictConfig:
     return cfg
 
 
+def _check_model(cfg) -> None:
+    """model.mixer against its mixer's Config (defaults filled in), model.layers against n_layers."""
+    from lmtk.models.mixers import layer_mixers, mixer_config
+
+    m = cfg.model
+    knobs = m.mixer if isinstance(m.mixer, str) else OmegaConf.to_container(m.mixer, resolve=True)
+    mixer = mixer_config({"name": knobs} if isinstance(knobs, str) else knobs)
+    layers = m.layers if m.layers is None or isinstance(m.layers, str) else list(m.layers)
+    layer_mixers(layers, m.n_layers, mixer["name"])
+    OmegaConf.set_struct(cfg, False)
+    m.mixer = mixer
+    OmegaConf.set_struct(cfg, True)
+
+
 def _check(cfg) -> None:
+    _check_model(cfg)
     b = cfg.budget
     if all(v is None for v in (b.steps, b.tokens, b.hours, b.epochs)):
         raise UserError("no budget: set one of budget.steps, budget.tokens, budget.hours, budget.epochs")

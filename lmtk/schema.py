@@ -36,7 +36,8 @@ class ModelCfg:
     embedding_norm: bool = False  # cramming normalises the embedding output
     bias: bool = True
     mlp: str = "gelu"  # gelu | gated-gelu | swiglu
-    mixer: str = "attention"
+    mixer: Any = field(default_factory=lambda: {"name": "attention"})  # model/mixer=NAME; knobs checked by the mixer's Config
+    layers: Optional[Any] = None  # hybrids: "RRAR RRAR" (A attention, R model.mixer) or a list of mixer names
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -183,7 +184,6 @@ CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("gelu", "gated-gelu", "swiglu"),
-    "model.mixer": ("attention",),
     "objective.name": ("clm", "mlm", "antlm", "gpt-bert"),
     "data.source": ("embedded", "text", "hf"),
     "tokenizer.kind": ("bpe", "wordpiece"),

@@ -4,6 +4,8 @@ is bottom-right aligned when queries are fewer than keys; sampling's top-k/top-p
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,6 +130,10 @@ class _LeftToRight(torch.nn.Module):
     """A stand-in for a recurrent mixer: causal only (a cumulative mean of a projection)."""
 
     causal_only = True
+
+    @dataclasses.dataclass
+    class Config:
+        pass
 
     def __init__(self, cfg, layer):
         super().__init__()

@@ -80,6 +80,12 @@ ROWS = [
     ("logger-every-zero", ["train", "logger.every=0"], "logger.every=0 must be at least 1"),
     ("resume-auto-without-run-name", ["train", *TINY, "resume=auto"], "resume=auto needs run.name=NAME"),
     ("unknown-key-added", ["train", "+model.extra=1"], "unknown config key 'model.extra'"),
+    ("layers-length", ["train", "model.n_layers=3", "model.layers=[attention,attention]"],
+     "model.layers gives 2 layers but model.n_layers=3"),
+    ("layers-letter", ["train", "model.layers=AX"], "model.layers='AX': use A (attention) and R (model.mixer) per layer, not X"),
+    ("layers-recurrent-without-mixer", ["train", "model.layers=AR"], "has R layers but model.mixer is attention"),
+    ("unknown-mixer-option", ["train", "model/mixer=gls"], "unknown option 'gls' for model/mixer"),
+    ("unknown-mixer-key", ["train", "model.mixer.chunk=3"], "unknown config key 'model.mixer.chunk'"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]

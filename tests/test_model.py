@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmtk.errors import UserError
-from lmtk.models import ModelConfig, build_model, model_config, padded_vocab
+from lmtk.models import LanguageModel, ModelConfig, build_model, model_config, padded_vocab
 
 V, T, B = 128, 16, 2
 VARIANTS = [
@@ -187,3 +187,18 @@ def test_rope_beyond_max_seq_len_extends_the_table():
         short, long = model(idx[:, :16]), model(idx)
     torch.testing.assert_close(long[:, :16], short)
     assert model.blocks[0].mixer.rotary.cos.shape[0] == 16
+
+
+def test_old_model_json_with_a_mixer_name_loads_and_layer_patterns_build():
+    """model.json written before mixers had knobs says "mixer": "attention"; a list of names
+    per layer builds the same model as no pattern."""
+    from lmtk.models import ModelConfig
+
+    old = ModelConfig.from_dict({"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "mixer": "attention"})
+    assert old.mixer == {"name": "attention"} and old.layer_mixers() == ["attention", "attention"]
+    torch.manual_seed(0)
+    a = LanguageModel(old)
+    torch.manual_seed(0)
+    b = LanguageModel(ModelConfig.from_dict(dict(old.to_dict(), layers=["attention", "attention"])))
+    ids = torch.randint(0, 64, (1, 9))
+    assert torch.equal(a(ids), b(ids))

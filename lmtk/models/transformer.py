@@ -7,7 +7,7 @@ so objectives can run the head on a subset of positions (sparse MLM prediction);
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -37,14 +37,26 @@ class ModelConfig:
     embedding_norm: bool = False
     bias: bool = True
     mlp: str = "gelu"
-    mixer: str = "attention"
+    mixer: dict = field(default_factory=lambda: {"name": "attention"})  # name + the mixer's knobs
+    layers: Optional[object] = None  # hybrids: a letter per layer (A / R) or mixer names (mixers.layer_mixers)
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
 
     def __post_init__(self):
+        from lmtk.models.mixers import mixer_config
+
         if self.d_ff is None:
             self.d_ff = default_d_ff(self.d_model, self.mlp)
+        # model.json written before mixers had knobs says "mixer": "attention"
+        self.mixer = mixer_config({"name": self.mixer} if isinstance(self.mixer, str) else dict(self.mixer))
+        if self.layers is not None and not isinstance(self.layers, str):
+            self.layers = [str(n) for n in self.layers]
+
+    def layer_mixers(self) -> list[str]:
+        from lmtk.models.mixers import layer_mixers
+
+        return layer_mixers(self.layers, self.n_layers, self.mixer["name"])
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -185,7 +185,7 @@ def _check_mixer_reads_both_ways(cfg, mcfg) -> None:
     from lmtk.objectives import objective_class
 
     if causal_only(mcfg) and objective_class(cfg.objective.name).bidirectional:
-        raise UserError(f"objective={cfg.objective.name} trains a masked (bidirectional) reading, which model.mixer={mcfg.mixer} "
+        raise UserError(f"objective={cfg.objective.name} trains a masked (bidirectional) reading, which model.mixer={mcfg.mixer['name']} "
                         "cannot give (it reads left to right); use objective=clm")
 
 
@@ -203,7 +203,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     if model.causal_only:  # a recurrent mixer has no masked reading: validate the causal one only
         val_objectives.pop("mlm", None)
         if rundir is not None:
-            sinks_note = f"validation: causal reading only (model.mixer={mcfg.mixer} reads left to right)"
+            sinks_note = f"validation: causal reading only (model.mixer={mcfg.mixer['name']} reads left to right)"
     else:
         sinks_note = None
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)

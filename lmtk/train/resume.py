@@ -81,7 +81,9 @@ def check(ckpt: Path, cfg, model_meta: dict, tok, data_meta: dict, same: bool) -
                 f"cannot resume run '{cfg.run.name}' with {key}={now}: it was trained with {key}={was} "
                 f"(the data stream, model, tokenizer or objective would change); pass {key}={was}, or start a new run"
             )
-    saved = meta.get("model", {})
+    from lmtk.models import ModelConfig
+
+    saved = ModelConfig.from_dict(meta.get("model", {})).to_dict() if meta.get("model") else {}
     diff = sorted(k for k in set(saved) | set(model_meta) if saved.get(k) != model_meta.get(k))
     if diff:
         show = ", ".join(f"{k}: {saved.get(k)} -> {model_meta.get(k)}" for k in diff[:4])

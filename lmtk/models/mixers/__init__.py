@@ -12,16 +12,68 @@ new state (a KV cache for attention; the recurrent state for recurrent mixers). 
 passes none of them and gets None back. `flops_per_token(seq_len)` gives the mixer's
 training FLOPs beyond its weight matmuls (attention's scores), for MFU."""
 
+from __future__ import annotations
+
+import dataclasses
+
+from lmtk.errors import UserError, suggest
 from lmtk.models.mixers.attention import Attention
 
+# The one list of mixer names. Each class has a `Config` dataclass of its knobs (model.mixer.*).
 MIXERS = {"attention": Attention}
 
 
+def mixer_config(knobs: dict) -> dict:
+    """model.mixer completed with the mixer's defaults; unknown names and keys are one-line errors."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    knobs = dict(knobs)
+    name = knobs.pop("name", "attention")
+    if name not in MIXERS:
+        raise UserError(f"model.mixer.name={name} is not one of: {', '.join(MIXERS)}{suggest(str(name), MIXERS)}")
+    fields = MIXERS[name].Config
+    known = [f.name for f in dataclasses.fields(fields)]
+    for key in knobs:
+        if key not in known:
+            raise UserError(f"unknown config key 'model.mixer.{key}' for mixer {name}{suggest(key, known)}"
+                            + (f"; its keys: {', '.join(known)}" if known else "; it has no knobs"))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(fields), knobs)
+    except OmegaConfBaseException as err:
+        raise UserError(f"invalid value for model.mixer.{getattr(err, 'key', '?')}: {str(getattr(err, 'msg', err)).splitlines()[0]}") from None
+    return {"name": name, **OmegaConf.to_container(merged)}
+
+
+def layer_mixers(layers, n_layers: int, mixer: str) -> list[str]:
+    """The mixer name of each layer. `layers`: None (every layer `mixer`), a pattern of one
+    letter per layer (A softmax attention, R the configured recurrent `mixer`; spaces ignored)
+    or a list of mixer names."""
+    if layers is None:
+        return [mixer] * n_layers
+    if isinstance(layers, str):
+        letters = layers.replace(" ", "")
+        bad = sorted(set(letters) - set("AR"))
+        if bad:
+            raise UserError(f"model.layers='{layers}': use A (attention) and R (model.mixer) per layer, not {', '.join(bad)}")
+        if "R" in letters and mixer == "attention":
+            raise UserError(f"model.layers='{layers}' has R layers but model.mixer is attention; choose one, e.g. model/mixer=gla")
+        names = ["attention" if c == "A" else mixer for c in letters]
+    else:
+        names = [str(n) for n in layers]
+        for n in names:
+            if n not in MIXERS:
+                raise UserError(f"model.layers: '{n}' is not a mixer (one of: {', '.join(MIXERS)}){suggest(n, MIXERS)}")
+    if len(names) != n_layers:
+        raise UserError(f"model.layers gives {len(names)} layers but model.n_layers={n_layers}")
+    return names
+
+
 def build_mixer(cfg, layer: int):
-    return MIXERS[cfg.mixer](cfg, layer)
+    return MIXERS[cfg.layer_mixers()[layer]](cfg, layer)
 
 
 def causal_only(cfg) -> bool:
     """Whether a model of this config has a layer that cannot read bidirectionally (decided
     from the mixer classes, before any model is built)."""
-    return bool(getattr(MIXERS[cfg.mixer], "causal_only", False))
+    return any(getattr(MIXERS[n], "causal_only", False) for n in cfg.layer_mixers())

@@ -12,6 +12,8 @@ so with a cache (or a window) the mask is built explicitly."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +23,11 @@ from lmtk.models.layers import Rotary
 
 class Attention(nn.Module):
     causal_only = False  # softmax attention reads both ways: masked objectives can use it
+
+    @dataclass
+    class Config:
+        """No knobs of its own: n_heads, n_kv_heads and window are model-level (hybrids' attention
+        layers use them too)."""
 
     def __init__(self, cfg, layer: int):
         super().__init__()
