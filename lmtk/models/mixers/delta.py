@@ -97,11 +97,14 @@ def chunked(
     P = (q @ k.transpose(-1, -2)) * L  # intra-chunk scores, causal with decays
     qg = q if gamma is None else q * gamma
 
+    # Sequential only in the chunk start state S. unbind rather than x[:, :, n], whose backward
+    # would scatter into a zero-filled copy of the whole tensor at every chunk.
     outs = []
-    for n in range(N):  # sequential only in the state S (the chunk start state)
-        U = Ut[:, :, n] - W[:, :, n] @ S  # the chunk's pseudo-values u_j
-        outs.append(qg[:, :, n] @ S + P[:, :, n] @ U)
-        S = (S if decay is None else S * decay[:, :, n]) + kd[:, :, n].transpose(-1, -2) @ U
+    decay = [None] * N if decay is None else decay.unbind(2)
+    for Utn, Wn, qn, Pn, kn, dn in zip(*(x.unbind(2) for x in (Ut, W, qg, P, kd)), decay):
+        U = Utn - Wn @ S  # the chunk's pseudo-values u_j
+        outs.append(qn @ S + Pn @ U)
+        S = (S if dn is None else S * dn) + kn.transpose(-1, -2) @ U
     o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :T]
     return o.to(out_dtype), S
 
@@ -122,15 +125,14 @@ def recurrent(
     g = _scalar_decay(g, B, H, T, cdt)
     S = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if state is None else state.to(cdt)
     q, k, v, beta = q.to(cdt) * scale, k.to(cdt), v.to(cdt), beta.to(cdt)
-    decay = None if g is None else g.exp().unsqueeze(-1)  # [B|1, H, T, 1, 1]
+    decay = [None] * T if g is None else g.exp().unsqueeze(-1).unbind(2)  # T x [B|1, H, 1, 1]
     outs = []
-    for t in range(T):
-        if decay is not None:
-            S = S * decay[:, :, t]
-        kt = k[:, :, t]
-        u = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhk,bhkv->bhv", kt, S))
+    for qt, kt, vt, bt, dt in zip(q.unbind(2), k.unbind(2), v.unbind(2), beta.unbind(2), decay):
+        if dt is not None:
+            S = S * dt
+        u = bt[..., None] * (vt - torch.einsum("bhk,bhkv->bhv", kt, S))
         S = S + kt[..., :, None] * u[..., None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+        outs.append(torch.einsum("bhk,bhkv->bhv", qt, S))
     o = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, Dv, dtype=cdt)
     return o.to(out_dtype), S
 

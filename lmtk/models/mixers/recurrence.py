@@ -169,14 +169,16 @@ def chunked(
             A = _intra_channel(q, k, g)
         qb = q * g.cumsum(-2).exp()  # exp(b_i): decay from the chunk start to i
         kb = k * suffix_sum(g).exp()  # exp(b_{C-1} - b_j): decay from j to the chunk end
-        decay = g.sum(-2).exp().unsqueeze(-1)  # [B|1, H, N, 1|Dk, 1]: decay over the chunk
+        decay = g.sum(-2).exp().unsqueeze(-1).unbind(2)  # N x [B|1, H, 1|Dk, 1]: decay over a chunk
     o = A @ v
     U = kb.transpose(-1, -2) @ v  # [B, H, N, Dk, Dv]: what each chunk adds to the state
 
+    # The only sequential part: hand the state from chunk to chunk. unbind, not U[:, :, n]: each
+    # indexing op would backpropagate a zero-filled copy of all of U (quadratic in N).
     starts = []
-    for n in range(N):  # the only sequential part: hand the state from chunk to chunk
+    for n, Un in enumerate(U.unbind(2)):
         starts.append(S)
-        S = (S if decay is None else S * decay[:, :, n]) + U[:, :, n]
+        S = (S if decay is None else S * decay[n]) + Un
     o = o + qb @ torch.stack(starts, dim=2)
     return o.flatten(2, 3)[:, :, :T].to(out_dtype), S
 
@@ -196,13 +198,13 @@ def recurrent(
     g = log_decay(g, B, H, T, Dk, cdt)
     S = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if state is None else state.to(cdt)
     q, k, v = q.to(cdt) * scale, k.to(cdt), v.to(cdt)
-    decay = None if g is None else g.exp().unsqueeze(-1)  # [B|1, H, T, 1|Dk, 1]
+    decay = None if g is None else g.exp().unsqueeze(-1).unbind(2)  # T x [B|1, H, 1|Dk, 1]
     outs = []
-    for t in range(T):
+    for t, (qt, kt, vt) in enumerate(zip(q.unbind(2), k.unbind(2), v.unbind(2))):
         if decay is not None:
-            S = S * decay[:, :, t]
-        S = S + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+            S = S * decay[t]
+        S = S + kt[..., :, None] * vt[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qt, S))
     o = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, Dv, dtype=cdt)
     return o.to(out_dtype), S
 
