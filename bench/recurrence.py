@@ -30,7 +30,9 @@ def main():
     p.add_argument("--chunks", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    p.add_argument("--kinds", nargs="+", default=["none", "head", "scalar", "channel", "delta", "gated_delta"])
+    p.add_argument(
+        "--kinds", nargs="+", default=["none", "head", "scalar", "channel", "channel_strong", "delta", "gated_delta"]
+    )
     a = p.parse_args()
     B, H, T, D = a.B, a.H, a.T, a.D
     if a.threads:
@@ -41,7 +43,8 @@ def main():
     kn = F.normalize(k.detach(), dim=-1).requires_grad_()
     g_head = (-torch.rand(H)).requires_grad_()
     g_scalar = (-torch.rand(B, H, T)).requires_grad_()
-    g_chan = (-torch.rand(B, H, T, D)).requires_grad_()
+    g_chan = (-torch.rand(B, H, T, D)).requires_grad_()  # mean -0.5: the one-matmul fast path at C <= 64
+    g_strong = (-4 * torch.rand(B, H, T, D)).requires_grad_()  # mean -2: the exact sub-chunked path
     beta = torch.rand(B, H, T).requires_grad_()
 
     def run(fn):
@@ -51,7 +54,7 @@ def main():
         return go
 
     cases = {"attention": run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
-    g_of = {"none": None, "head": g_head, "scalar": g_scalar, "channel": g_chan}
+    g_of = {"none": None, "head": g_head, "scalar": g_scalar, "channel": g_chan, "channel_strong": g_strong}
     for kind in a.kinds:
         for C in a.chunks:
             if kind in g_of:
