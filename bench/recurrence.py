@@ -62,7 +62,8 @@ def main():
                 cases[f"{kind} C={C}"] = run(lambda g=g, C=C: recurrence.chunked(q, k, v, g, chunk=C, scale=D**-0.5)[0])
             else:
                 g = g_scalar if kind == "gated_delta" else None
-                cases[f"{kind} C={C}"] = run(lambda g=g, C=C: delta.chunked(q, kn, v, beta, g, chunk=C, scale=D**-0.5)[0])
+                fn = lambda g=g, C=C: delta.chunked(q, kn, v, beta, g, chunk=C, scale=D**-0.5)[0]
+                cases[f"{kind} C={C}"] = run(fn)
 
     times = {name: [] for name in cases}
     for fn in cases.values():  # warm-up

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
@@ -47,6 +46,11 @@ def exact_channel_path(monkeypatch, request):
     if getattr(request, "param", None) == "channel_exact":
         for dt in (torch.float32, torch.float64):
             monkeypatch.setitem(recurrence.FACTOR_LIMIT, dt, -1.0)
+
+
+def time_slice(x, sl):
+    """Steps `sl` of every per-step input (q, k, v, beta, g unless it is per head)."""
+    return {n: t[:, :, sl] if t is not None and n != "state" and t.dim() >= 3 else t for n, t in x.items()}
 
 
 def run(fn, x, **kw):
@@ -104,7 +108,7 @@ def test_state_carries_across_calls(kind):
     T, cut, chunk = 37, 13, 8
     x = make(kind, T=T)
     full_o, full_S = recurrence.chunked(**x, chunk=chunk)
-    part = lambda sl: {n: (t[:, :, sl] if n in "qkv" or (n == "g" and t is not None and t.dim() > 1) else t) for n, t in x.items()}
+    part = lambda sl: time_slice(x, sl)
     a, b = part(slice(0, cut)), part(slice(cut, T))
     o1, S1 = recurrence.chunked(**a, chunk=chunk)
     o2, S2 = recurrence.chunked(**{**b, "state": S1}, chunk=chunk)
@@ -144,7 +148,8 @@ def test_strong_decays(kind, dtype):
         x = make(kind, T=70, dtype=dtype, strength=strength)
         x64 = {n: t.double() if t is not None else None for n, t in x.items()}
         ref = run(recurrence.naive, x64)
-        for fn, kw in ((recurrence.chunked, dict(chunk=64)), (recurrence.chunked, dict(chunk=16)), (recurrence.recurrent, {})):
+        forms = ((recurrence.chunked, dict(chunk=64)), (recurrence.chunked, dict(chunk=16)), (recurrence.recurrent, {}))
+        for fn, kw in forms:
             got = run(fn, x, **kw)
             for t in (got[0], got[1], *got[2].values()):
                 assert torch.isfinite(t).all()
@@ -218,8 +223,7 @@ def test_delta_state_carries_across_calls(kind):
     T, cut, chunk = 37, 13, 8
     x = make(kind, T=T, gated_delta=True)
     full_o, full_S = delta.chunked(**x, chunk=chunk)
-    timed = lambda n, t: t is not None and (n in ("q", "k", "v", "beta") or (n == "g" and t.dim() > 1))
-    part = lambda sl: {n: (t[:, :, sl] if timed(n, t) else t) for n, t in x.items()}
+    part = lambda sl: time_slice(x, sl)
     o1, S1 = delta.chunked(**part(slice(0, cut)), chunk=chunk)
     o2, S2 = delta.chunked(**{**part(slice(cut, T)), "state": S1}, chunk=chunk)
     torch.testing.assert_close(torch.cat([o1, o2], 2), full_o)
@@ -297,8 +301,8 @@ def fla_naive(name):
 
 
 def fla_inputs(T=70, gated_delta=False, decay="scalar", seed=3):
-    x = make(decay, T=T, dtype=torch.float32, seed=seed, gated_delta=gated_delta)
-    return x
+    """fla's naive references compute in fp32 whatever they are given: compare in fp32."""
+    return make(decay, T=T, dtype=torch.float32, seed=seed, gated_delta=gated_delta)
 
 
 def bthd(t):
@@ -324,7 +328,9 @@ def test_fla_simple_gla():
     m = fla_naive("simple_gla")
     x = fla_inputs(decay="scalar")
     args = (bthd(x["q"]), bthd(x["k"]), bthd(x["v"]), bthd(x["g"]))
-    o_ref, S_ref = m.naive_recurrent_simple_gla(*args, scale=DK**-0.5, initial_state=x["state"], output_final_state=True)
+    o_ref, S_ref = m.naive_recurrent_simple_gla(
+        *args, scale=DK**-0.5, initial_state=x["state"], output_final_state=True
+    )
     o_chk, S_chk = m.naive_chunk_simple_gla(
         *args, initial_state=x["state"], output_final_state=True, chunk_size=16, scale=DK**-0.5
     )
