@@ -1,0 +1,168 @@
+"""The gated delta rule (Gated DeltaNet; DeltaNet when g is None). Per batch element and head:
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t = S_t^T (scale * q_t)
+
+i.e. decay the state, then take one step of online regression of v_t on k_t with step size
+beta_t: with S' = exp(g_t) S_{t-1}, S_t = S' + k_t u_t^T where u_t = beta_t (v_t - S'^T k_t) is the
+"new value" (the part of v_t the decayed state does not already predict). k is L2-normalised by
+the caller and beta_t in (0, 1), so (I - beta_t k_t k_t^T) is a contraction.
+
+Shapes (head-first, as in recurrence.py): q, k [B, H, T, Dk], v [B, H, T, Dv], beta [B, H, T],
+g None (plain DeltaNet), [H] or [B, H, T] (one log-decay <= 0 per head and step; a size-1 batch
+dimension broadcasts), state [B, H, Dk, Dv]. Each form returns (o [B, H, T, Dv], final state).
+
+Chunked form (WY / UT representation, Yang et al. 2024). Inside a chunk with start state S_0,
+position i = 0..C-1, b_i = sum_{t<=i} g_t and gamma_i = exp(b_i), unrolling the recurrence gives
+
+    S_i = gamma_i S_0 + sum_{j<=i} exp(b_i - b_j) k_j u_j^T
+    u_i = beta_i v_i - beta_i gamma_i S_0^T k_i - sum_{j<i} beta_i exp(b_i - b_j) (k_i . k_j) u_j
+
+so the u's of a chunk solve one unit lower-triangular system. With
+A[i, j] = beta_i exp(b_i - b_j) (k_i . k_j) for j < i (0 elsewhere) and T = (I + A)^{-1}:
+
+    U = T (beta * V) - T (beta * gamma * K) S_0  =  U~ - W S_0
+
+U~ [C, Dv] and W [C, Dk] depend only on the chunk's own inputs, so they are computed for all
+chunks at once (one batched triangular solve); only U = U~ - W S_0 and the hand-off
+
+    o_i = gamma_i (q_i^T S_0) + sum_{j<=i} exp(b_i - b_j) (q_i . k_j) u_j
+    S_C = gamma_{C-1} S_0 + sum_j exp(b_{C-1} - b_j) k_j u_j^T
+
+run in the Python loop over chunks (two [C, Dk] x [Dk, Dv] matmuls and one [C, C] x [C, Dv] per
+chunk). All decay exponents are segment sums of g's (<= 0), computed as in recurrence.py, so
+strong decays underflow rather than overflow. Cost per chunk: O(C^2 (Dk + Dv) + C^3) for the
+solve; memory O(C^2) per chunk.
+
+`recurrent` is the step form for decoding; `naive` writes the first equation out literally
+(explicit identity matrix) for tests. Compute is fp32 (fp64 for fp64 inputs); o comes back in q's
+dtype, the state in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmtk.models.mixers.recurrence import CHUNK, compute_dtype, log_decay, pad_time, segsum, suffix_sum
+
+
+def _scalar_decay(g: Tensor | None, B: int, H: int, T: int, dtype: torch.dtype) -> Tensor | None:
+    """g None / [H] / [B, H, T] -> None or [B|1, H, T, 1]."""
+    if g is not None and g.dim() == 4:
+        raise ValueError("the delta rule takes one log-decay per head and step: g [H] or [B, H, T]")
+    return log_decay(g, B, H, T, 1, dtype)
+
+
+def chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    chunk: int = CHUNK,
+    state: Tensor | None = None,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Chunk-parallel form (see the module docstring). T need not be a multiple of `chunk`: the
+    tail is zero-padded (beta = 0 and g = 0 there leave the state unchanged)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
+    g = _scalar_decay(g, B, H, T, cdt)
+    S = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if state is None else state.to(cdt)
+    if T == 0:
+        return v.new_zeros(B, H, 0, Dv, dtype=out_dtype), S
+    C = min(chunk, T)
+    N = -(-T // C)
+    pad = N * C - T
+    q, k, v = (pad_time(x.to(cdt), pad).unflatten(2, (N, C)) for x in (q, k, v))  # [B, H, N, C, D]
+    q = q * scale
+    beta = pad_time(beta.to(cdt).unsqueeze(-1), pad).unflatten(2, (N, C))  # [B, H, N, C, 1]
+
+    eye = torch.eye(C, dtype=cdt, device=q.device)
+    if g is None:
+        L = torch.ones(C, C, dtype=cdt, device=q.device).tril()  # causal mask, diagonal included
+        gamma, kd, decay = None, k, None
+    else:
+        g = pad_time(g, pad).unflatten(2, (N, C))  # [B|1, H, N, C, 1]
+        L = segsum(g).squeeze(-1).exp()  # L[i, j] = exp(b_i - b_j) for j <= i, else 0
+        gamma = g.cumsum(-2).exp()  # exp(b_i)
+        kd = k * suffix_sum(g).exp()  # k_j exp(b_{C-1} - b_j)
+        decay = g.sum(-2).exp().unsqueeze(-1)  # [B|1, H, N, 1, 1]: gamma_{C-1}
+    A = (beta * (k @ k.transpose(-1, -2)) * L).tril(-1)
+    rhs = torch.cat([beta * v, beta * k if gamma is None else beta * gamma * k], dim=-1)
+    # (I + A) is unit lower-triangular: one batched forward substitution for every chunk.
+    Ut, W = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([Dv, Dk], -1)
+    P = (q @ k.transpose(-1, -2)) * L  # intra-chunk scores, causal with decays
+    qg = q if gamma is None else q * gamma
+
+    # Sequential only in the chunk start state S. unbind rather than x[:, :, n], whose backward
+    # would scatter into a zero-filled copy of the whole tensor at every chunk.
+    outs = []
+    decay = [None] * N if decay is None else decay.unbind(2)
+    for Utn, Wn, qn, Pn, kn, dn in zip(*(x.unbind(2) for x in (Ut, W, qg, P, kd)), decay):
+        U = Utn - Wn @ S  # the chunk's pseudo-values u_j
+        outs.append(qn @ S + Pn @ U)
+        S = (S if dn is None else S * dn) + kn.transpose(-1, -2) @ U
+    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :T]
+    return o.to(out_dtype), S
+
+
+def recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    state: Tensor | None = None,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Step form (decoding): decay, predict, correct by the new value, read out; O(Dk Dv) a step."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
+    g = _scalar_decay(g, B, H, T, cdt)
+    S = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if state is None else state.to(cdt)
+    q, k, v, beta = q.to(cdt) * scale, k.to(cdt), v.to(cdt), beta.to(cdt)
+    decay = [None] * T if g is None else g.exp().unsqueeze(-1).unbind(2)  # T x [B|1, H, 1, 1]
+    outs = []
+    for qt, kt, vt, bt, dt in zip(q.unbind(2), k.unbind(2), v.unbind(2), beta.unbind(2), decay):
+        if dt is not None:
+            S = S * dt
+        u = bt[..., None] * (vt - torch.einsum("bhk,bhkv->bhv", kt, S))
+        S = S + kt[..., :, None] * u[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qt, S))
+    o = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, Dv, dtype=cdt)
+    return o.to(out_dtype), S
+
+
+def naive(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    state: Tensor | None = None,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Reference for tests: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T (scale q_t), matrices written out. Same shapes as `chunked`."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    cdt = compute_dtype(q.dtype)
+    if g is None:
+        g = torch.zeros(B, H, T, dtype=cdt, device=q.device)
+    elif g.dim() == 1:
+        g = g[None, :, None].expand(B, H, T)
+    g, beta = g.to(cdt).expand(B, H, T), beta.to(cdt)
+    I = torch.eye(Dk, dtype=cdt, device=q.device)
+    S = torch.zeros(B, H, Dk, Dv, dtype=cdt, device=q.device) if state is None else state.to(cdt)
+    o = []
+    for t in range(T):
+        kt, vt, qt = k[:, :, t, :, None].to(cdt), v[:, :, t, :, None].to(cdt), q[:, :, t, :, None].to(cdt)
+        bt, at = beta[:, :, t, None, None], g[:, :, t, None, None].exp()
+        S = at * (I - bt * kt @ kt.transpose(-1, -2)) @ S + bt * kt @ vt.transpose(-1, -2)
+        o.append(S.transpose(-1, -2) @ (scale * qt))
+    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt)
+    return o.to(q.dtype), S
