@@ -128,6 +128,9 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.apply(self._init)
+        for block in self.blocks:  # mixers own their initialisation (decay spectra, gate biases)
+            if hasattr(block.mixer, "init_weights"):
+                block.mixer.init_weights()
 
     def _init(self, m: nn.Module) -> None:
         std = self.cfg.init_std

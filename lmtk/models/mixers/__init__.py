@@ -10,7 +10,10 @@ masked reading). Decoding passes `decode=True`, the layer's state from the previ
 at the start) and `offset`, the absolute position of x's first token; the mixer returns its
 new state (a KV cache for attention; the recurrent state for recurrent mixers). Training
 passes none of them and gets None back. `flops_per_token(seq_len)` gives the mixer's
-training FLOPs beyond its weight matmuls (attention's scores), for MFU."""
+training FLOPs beyond its weight matmuls (attention's scores, a recurrence's state updates),
+for MFU. A mixer's knobs are its `Config` dataclass (model.mixer.*, conf/model/mixer/NAME.yaml);
+`init_weights()`, when a mixer has it, runs after the model-wide init, so the mixer's own
+initialisation (decay spectra, gate biases) is what stays."""
 
 from __future__ import annotations
 
