@@ -165,5 +165,5 @@ def naive(
         bt, at = beta[:, :, t, None, None], g[:, :, t, None, None].exp()
         S = at * (I - bt * kt @ kt.transpose(-1, -2)) @ S + bt * kt @ vt.transpose(-1, -2)
         o.append(S.transpose(-1, -2) @ (scale * qt))
-    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt)
+    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt, device=q.device)
     return o.to(q.dtype), S

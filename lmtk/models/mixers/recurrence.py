@@ -186,7 +186,8 @@ def chunked(
 ) -> tuple[Tensor, Tensor]:
     """Chunk-parallel form. q, k [B, H, T, Dk], v [B, H, T, Dv], g None / [H] / [B, H, T] /
     [B, H, T, Dk], state [B, H, Dk, Dv] or None -> (o [B, H, T, Dv], state [B, H, Dk, Dv]).
-    T need not be a multiple of `chunk`: the tail is zero-padded (k = v = 0, g = 0 leaves S as is)."""
+    T need not be a multiple of `chunk`: the tail is zero-padded (k = v = 0, g = 0 leaves S as is).
+    Per-channel decays too strong for the fast path at `chunk` run at a shorter chunk (see above)."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
@@ -281,5 +282,5 @@ def naive(
     for t in range(T):
         S = torch.diag_embed(gk[:, :, t].exp()) @ S + k[:, :, t, :, None].to(cdt) @ v[:, :, t, None, :].to(cdt)
         o.append(S.transpose(-1, -2) @ (scale * q[:, :, t, :, None].to(cdt)))
-    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt)
+    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt, device=q.device)
     return o.to(q.dtype), S
