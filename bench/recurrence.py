@@ -31,7 +31,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument(
-        "--kinds", nargs="+", default=["none", "head", "scalar", "channel", "channel_strong", "delta", "gated_delta"]
+        "--kinds", nargs="+", default=["none", "head", "scalar", "channel", "channel_halved", "channel_exact", "delta", "gated_delta"]
     )
     a = p.parse_args()
     B, H, T, D = a.B, a.H, a.T, a.D
@@ -44,7 +44,8 @@ def main():
     g_head = (-torch.rand(H)).requires_grad_()
     g_scalar = (-torch.rand(B, H, T)).requires_grad_()
     g_chan = (-torch.rand(B, H, T, D)).requires_grad_()  # mean -0.5: the one-matmul fast path at C <= 64
-    g_strong = (-4 * torch.rand(B, H, T, D)).requires_grad_()  # mean -2: the exact sub-chunked path
+    g_strong = (-4 * torch.rand(B, H, T, D)).requires_grad_()  # mean -2: fast path at a halved chunk
+    g_extreme = (-20 * torch.rand(B, H, T, D)).requires_grad_()  # mean -10: the exact sub-chunked path
     beta = torch.rand(B, H, T).requires_grad_()
 
     def run(fn):
@@ -54,7 +55,7 @@ def main():
         return go
 
     cases = {"attention": run(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
-    g_of = {"none": None, "head": g_head, "scalar": g_scalar, "channel": g_chan, "channel_strong": g_strong}
+    g_of = dict(none=None, head=g_head, scalar=g_scalar, channel=g_chan, channel_halved=g_strong, channel_exact=g_extreme)
     for kind in a.kinds:
         for C in a.chunks:
             if kind in g_of:

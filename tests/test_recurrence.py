@@ -161,6 +161,19 @@ def _double(t):
     return {n: v.double() for n, v in t.items()} if isinstance(t, dict) else t.double()
 
 
+def test_channel_chunk_shrinks_for_the_fast_path(monkeypatch):
+    """Per-channel decays too strong for one factorised 64-step chunk in fp32 (mean g = -2) run
+    at a shorter chunk on the fast path, not on the exact one, and still match."""
+    x = make("channel", T=70, dtype=torch.float32, strength=4.0)
+    g = recurrence.log_decay(x["g"], B, H, 70, DK, torch.float32)
+    C, fast = recurrence._channel_chunk(g, 64)
+    assert fast and C in (8, 16)
+    monkeypatch.setattr(recurrence, "_intra_channel_exact", None)  # would raise if taken
+    got = run(recurrence.chunked, x, chunk=64)
+    ref = run(recurrence.naive, {n: t.double() if t is not None else None for n, t in x.items()})
+    assert_same(tuple(_double(t) for t in got), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["none", "scalar", "channel"])
 def test_fp32_matches_fp64_reference(kind):
     x = make(kind, T=70, dtype=torch.float32)

@@ -29,8 +29,8 @@ chunks at once (one batched triangular solve); only U = U~ - W S_0 and the hand-
     o_i = gamma_i (q_i^T S_0) + sum_{j<=i} exp(b_i - b_j) (q_i . k_j) u_j
     S_C = gamma_{C-1} S_0 + sum_j exp(b_{C-1} - b_j) k_j u_j^T
 
-run in the Python loop over chunks (two [C, Dk] x [Dk, Dv] matmuls and one [C, C] x [C, Dv] per
-chunk). All decay exponents are segment sums of g's (<= 0), computed as in recurrence.py, so
+run in the Python loop over chunks (two small matmuls per chunk; the outputs are then batched
+over chunks). All decay exponents are segment sums of g's (<= 0), computed as in recurrence.py, so
 strong decays underflow rather than overflow. Cost per chunk: O(C^2 (Dk + Dv) + C^3) for the
 solve; memory O(C^2) per chunk.
 
@@ -97,15 +97,16 @@ def chunked(
     P = (q @ k.transpose(-1, -2)) * L  # intra-chunk scores, causal with decays
     qg = q if gamma is None else q * gamma
 
-    # Sequential only in the chunk start state S. unbind rather than x[:, :, n], whose backward
-    # would scatter into a zero-filled copy of the whole tensor at every chunk.
-    outs = []
+    # Sequential only in the chunk start state S: two small matmuls per chunk; the outputs are
+    # batched over all chunks afterwards. unbind rather than x[:, :, n], whose backward would
+    # scatter into a zero-filled copy of the whole tensor at every chunk.
+    starts, us = [], []
     decay = [None] * N if decay is None else decay.unbind(2)
-    for Utn, Wn, qn, Pn, kn, dn in zip(*(x.unbind(2) for x in (Ut, W, qg, P, kd)), decay):
-        U = Utn - Wn @ S  # the chunk's pseudo-values u_j
-        outs.append(qn @ S + Pn @ U)
-        S = (S if dn is None else S * dn) + kn.transpose(-1, -2) @ U
-    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :T]
+    for Utn, Wn, kn, dn in zip(Ut.unbind(2), W.unbind(2), kd.transpose(-1, -2).unbind(2), decay):
+        starts.append(S)
+        us.append(Utn - Wn @ S)  # the chunk's pseudo-values u_j
+        S = (S if dn is None else S * dn) + kn @ us[-1]
+    o = (qg @ torch.stack(starts, dim=2) + P @ torch.stack(us, dim=2)).flatten(2, 3)[:, :, :T]
     return o.to(out_dtype), S
 
 
@@ -164,5 +165,5 @@ def naive(
         bt, at = beta[:, :, t, None, None], g[:, :, t, None, None].exp()
         S = at * (I - bt * kt @ kt.transpose(-1, -2)) @ S + bt * kt @ vt.transpose(-1, -2)
         o.append(S.transpose(-1, -2) @ (scale * qt))
-    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt)
+    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt, device=q.device)
     return o.to(q.dtype), S

@@ -37,10 +37,12 @@ Three forms, all returning (o, final_state) and all taking an optional initial `
                a reference r = b_{C-1}/2 (half the chunk's decay, per channel):
                exp(b_i - b_j) = exp(b_i - r) exp(r - b_j), |b_i - r| <= |b_{C-1}|/2, and A is one
                matmul. Taken when every chunk decays by at most 2 * FACTOR_LIMIT in every channel
-               (fp32: 60, e.g. a 64-step chunk averaging g >= -0.94; the naive q e^{b} . k e^{-b}
-               split would overflow fp32 once |b| > ~88).
-             - per channel, exact path (any finite g; the chosen path depends on the values of g,
-               one host sync): cut the chunk into sub-chunks of c = SUBCHUNK steps (c = C when C
+               (fp32: 60, e.g. a 32-step chunk averaging g >= -1.9; the naive q e^{b} . k e^{-b}
+               split would overflow fp32 once |b| > ~88); if `chunk` is too long for that, the
+               longest of chunk/2, chunk/4, ... (>= SUBCHUNK) that qualifies is used instead.
+             - per channel, exact path, when no chunk length qualifies (any finite g; the path
+               depends on the values of g: one host sync per call, and a graph break under
+               torch.compile): cut the chunk into sub-chunks of c = SUBCHUNK steps (c = C when C
                is not a multiple of it). Inside a sub-chunk, the [c, c, Dk] pairwise decay
                tensor; between sub-chunks J < I the decay factorises through their boundaries,
                exp(b_i - b_j) = exp(b_i - e_{I-1}) exp(e_{I-1} - e_J) exp(e_J - b_j) (e_K = b at
@@ -66,9 +68,11 @@ SUBCHUNK = 8
 # Per-channel fast path: exponents up to +-FACTOR_LIMIT are allowed (exp(30) ~ 1e13 leaves fp32
 # ample headroom, and the rounding of b_i - r stays ~1e-6 relative).
 FACTOR_LIMIT = {torch.float32: 30.0, torch.float64: 300.0}
-# Default chunk length of the chunked form, picked by timing fwd+bwd on CPU at T=4096 against
-# causal softmax attention (see the issue notes); every multiple of SUBCHUNK is valid.
-CHUNK = 64
+# Default chunk length of the chunked form, by bench/recurrence.py (fwd+bwd, B=1 H=4 T=4096 D=32
+# fp32, 1 CPU thread, vs causal SDPA): C=32 was fastest or tied for every decay shape and for the
+# delta rule (C=16 / 32 / 64: scalar decay 0.10 / 0.10 / 0.14x attention, delta rule 0.32 / 0.25 /
+# 0.27x), and it keeps the per-channel fast path for decays averaging down to g = -1.9 a step.
+CHUNK = 32
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -118,27 +122,37 @@ def pad_time(x: Tensor, n: int) -> Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 3) + (0, n))
 
 
-def _intra_channel(q: Tensor, k: Tensor, g: Tensor) -> Tensor:
+def _channel_chunk(g: Tensor, C: int) -> tuple[int, bool]:
+    """Chunk length for per-channel decays g [B|1, H, T, Dk]: the largest of C, C/2, C/4, ...
+    (>= SUBCHUNK) at which every chunk decays by at most 2 * FACTOR_LIMIT in every channel, with
+    True (the fast path); else (C, False): the exact path. One host sync per call."""
+    T, limit = g.shape[2], 2 * FACTOR_LIMIT[g.dtype]
+    sizes = [C]
+    while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= SUBCHUNK:
+        sizes.append(sizes[-1] // 2)
+    with torch.no_grad():
+        worst = [pad_time(g, -T % c).unflatten(2, (-(-T // c), c)).sum(3).amin() for c in sizes]
+        ok = (torch.stack(worst) >= -limit).tolist()
+    return next(((c, True) for c, fine in zip(sizes, ok) if fine), (C, False))
+
+
+def _intra_channel_fast(q: Tensor, k: Tensor, g: Tensor) -> Tensor:
     """Intra-chunk scores A[i, j] = sum_d q_id k_jd exp(b_id - b_jd) for j <= i, zero above, with
     per-channel log-decays. q, k, g [..., C, Dk] (g may broadcast) -> [..., C, C].
 
-    Fast path: with r = b_{C-1} / 2 (half the chunk's decay, per channel),
-    exp(b_i - b_j) = exp(b_i - r) exp(r - b_j), and |b_i - r| <= |b_{C-1}| / 2, so when every chunk
-    decays by at most 2 * FACTOR_LIMIT[dtype] in every channel both factors stay far from
-    overflow and A is one matmul, as cheap as the scalar-decay case. Otherwise (strong decays:
-    a chunk of 64 steps averaging g < -0.9 in fp32) the exact sub-chunked path below."""
+    With r = b_{C-1} / 2 (half the chunk's decay, per channel), exp(b_i - b_j) =
+    exp(b_i - r) exp(r - b_j) and |b_i - r| <= |b_{C-1}| / 2 <= FACTOR_LIMIT (checked by
+    `_channel_chunk`), so both factors stay far from overflow and A is one matmul."""
     half = g.sum(-2, keepdim=True) / 2  # [..., 1, Dk], <= 0
-    if bool((half >= -FACTOR_LIMIT[q.dtype]).all()):
-        b = g.cumsum(-2)
-        A = (q * (b - half).exp()) @ (k * (half - b).exp()).transpose(-1, -2)
-        C = q.shape[-2]
-        # j > i entries are exp(+...) and may be huge; they are discarded, never multiplied.
-        return A.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=q.device).tril(), 0.0)
-    return _intra_channel_exact(q, k, g)
+    b = g.cumsum(-2)
+    A = (q * (b - half).exp()) @ (k * (half - b).exp()).transpose(-1, -2)
+    C = q.shape[-2]
+    # j > i entries are exp(+...) and may be huge; they are discarded, never multiplied.
+    return A.masked_fill(~torch.ones(C, C, dtype=torch.bool, device=q.device).tril(), 0.0)
 
 
 def _intra_channel_exact(q: Tensor, k: Tensor, g: Tensor) -> Tensor:
-    """`_intra_channel` for any finite decays: no exponent is ever positive (see the module
+    """`_intra_channel_fast` for any finite decays: no exponent is ever positive (see the module
     docstring: pairwise decays inside sub-chunks, factorised through sub-chunk boundaries between
     them)."""
     C = q.shape[-2]
@@ -172,7 +186,8 @@ def chunked(
 ) -> tuple[Tensor, Tensor]:
     """Chunk-parallel form. q, k [B, H, T, Dk], v [B, H, T, Dv], g None / [H] / [B, H, T] /
     [B, H, T, Dk], state [B, H, Dk, Dv] or None -> (o [B, H, T, Dv], state [B, H, Dk, Dv]).
-    T need not be a multiple of `chunk`: the tail is zero-padded (k = v = 0, g = 0 leaves S as is)."""
+    T need not be a multiple of `chunk`: the tail is zero-padded (k = v = 0, g = 0 leaves S as is).
+    Per-channel decays too strong for the fast path at `chunk` run at a shorter chunk (see above)."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
@@ -180,7 +195,9 @@ def chunked(
     S = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if state is None else state.to(cdt)
     if T == 0:
         return v.new_zeros(B, H, 0, Dv, dtype=out_dtype), S
-    C = min(chunk, T)
+    C, fast = min(chunk, T), False
+    if g is not None and g.shape[-1] > 1:
+        C, fast = _channel_chunk(g, C)
     N = -(-T // C)
     pad = N * C - T
     # [B, H, N, C, D]
@@ -196,7 +213,7 @@ def chunked(
         if g.shape[-1] == 1:
             A = (q @ k.transpose(-1, -2)) * segsum(g).squeeze(-1).exp()
         else:
-            A = _intra_channel(q, k, g)
+            A = _intra_channel_fast(q, k, g) if fast else _intra_channel_exact(q, k, g)
         qb = q * g.cumsum(-2).exp()  # exp(b_i): decay from the chunk start to i
         kb = k * suffix_sum(g).exp()  # exp(b_{C-1} - b_j): decay from j to the chunk end
         decay = g.sum(-2).exp().unsqueeze(-1).unbind(2)  # N x [B|1, H, 1|Dk, 1]: decay over a chunk
@@ -265,5 +282,5 @@ def naive(
     for t in range(T):
         S = torch.diag_embed(gk[:, :, t].exp()) @ S + k[:, :, t, :, None].to(cdt) @ v[:, :, t, None, :].to(cdt)
         o.append(S.transpose(-1, -2) @ (scale * q[:, :, t, :, None].to(cdt)))
-    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt)
+    o = torch.cat(o, dim=-1).transpose(-1, -2) if o else torch.zeros(B, H, 0, Dv, dtype=cdt, device=q.device)
     return o.to(q.dtype), S
