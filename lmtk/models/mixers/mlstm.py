@@ -15,8 +15,8 @@ n'_t = n_t e^{-m_t}:
     C'_t = f'_t C'_{t-1} + i'_t v_t k_t^T,    n'_t = f'_t n'_{t-1} + i'_t k_t
     h_t  = C'_t q_t / (max(|n'_t^T q_t|, exp(-m_t)) + eps)                   (eps = 1e-6, as xLSTM)
 
-As the op: g = log f'_t (a scalar per head and step, <= 0), k = i'_t k_t (the input gate folded
-into k), v = [v_t, 1] (a ones column appended: the op's state is then [C'^T, n'] and one call
+As the op: g = log f'_t (a scalar per head and step, <= 0), k = i'_t k_t / sqrt(Dk) (the input
+gate and the key's scale folded into k; q unscaled), v = [v_t, 1] (a ones column appended: the op's state is then [C'^T, n'] and one call
 reads out both C'_t q_t and n'_t^T q_t). Every exponent the op takes is therefore <= 0.
 
 How the chunked form is stabilised: m is solved chunk by chunk in closed form. With b_i the
@@ -88,9 +88,9 @@ def mlstm_cell(q: Tensor, k: Tensor, v: Tensor, logi: Tensor, logf: Tensor, *, c
         m = stabiliser(logf, logi, m0.to(cdt), chunk)
     m_prev = torch.cat([m0.to(cdt).unsqueeze(-1), m[..., :-1]], dim=-1)
     g = (logf + m_prev - m).clamp(max=0.0)  # log f'_t (<= 0 up to rounding)
-    k = k.to(cdt) * (logi - m).exp().unsqueeze(-1)  # i'_t k_t
+    k = k.to(cdt) * ((logi - m).exp() * Dk ** -0.5).unsqueeze(-1)  # i'_t k_t / sqrt(Dk), the paper's scaled key
     v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [v, 1]: the normaliser's column
-    o, S = step_or_chunk(q, k, v, g, chunk=chunk, state=S0, decode=decode, scale=Dk ** -0.5)
+    o, S = step_or_chunk(q, k, v, g, chunk=chunk, state=S0, decode=decode)
     num, qn = o[..., :-1], o[..., -1:]  # C'_t q_t and n'_t^T q_t
     h = num / (qn.abs().maximum((-m).exp().unsqueeze(-1).to(o.dtype)) + eps)
     return h, (S, m[..., -1] if T else m0)
