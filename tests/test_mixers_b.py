@@ -219,3 +219,48 @@ def test_gdn_learns_on_real_text(lmtk_env):
     vals = [(r["step"], r["val/clm_loss"]) for r in rows if "val/clm_loss" in r]
     assert vals[0][0] == 0 and vals[-1][0] == 60, vals
     assert math.isfinite(vals[-1][1]) and vals[-1][1] < vals[0][1] - 1.0, vals
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "exp"])
+def test_mlstm_cell_stays_accurate_over_long_sequences_in_fp32(gate):
+    """T = 600 with strong gates (forget pre-activations making m drift, input gates up to ~80):
+    the fp32 chunked cell is as close to the fp64 per-step paper equations as the same equations
+    run step by step in fp32 (h is ill-conditioned where |n^T q| is small, in both)."""
+    g = torch.Generator().manual_seed(1)
+    B, H, T, D = 1, 2, 600, 8
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    logi = 25 * torch.randn(B, H, T, generator=g, dtype=torch.float64)
+    pre = 3 * torch.randn(B, H, T, generator=g, dtype=torch.float64)
+    logf = F.logsigmoid(pre) if gate == "sigmoid" else 0.3 + 0.5 * pre  # exp gate: f > 1 on average, m grows
+    ref = mlstm_paper(q, k, v, logi, logf)[0]
+    h, _ = mlstm_cell(*(t.float() for t in (q, k, v, logi, logf)), chunk=64)
+    steps = mlstm_paper(*(t.float() for t in (q, k, v, logi, logf)))[0]
+    assert torch.isfinite(h).all()
+    err, err_steps = (h.double() - ref).abs(), (steps.double() - ref).abs()
+    assert err.max() <= 2 * err_steps.max() + 1e-4, (err.max(), err_steps.max())
+    assert err.median() < 1e-5, err.median()
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "exp"])
+def test_mlstm_cell_gradients_equal_the_paper_equations(gate):
+    """m is a constant to autograd in the cell; the paper's per-step form differentiates through
+    it: the gradients agree (h does not depend on m). With the eps, they differ by O(eps)."""
+    g = torch.Generator().manual_seed(2)
+    B, H, T, D = 1, 2, 13, 4
+    ins = [torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3)]
+    ins.append(3 * torch.randn(B, H, T, generator=g, dtype=torch.float64))
+    pre = torch.randn(B, H, T, generator=g, dtype=torch.float64)
+    ins.append(F.logsigmoid(pre) if gate == "sigmoid" else pre)
+    w = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    grads = []
+    # eps = 0: the eps added to the denominator (xLSTM's) is the one thing that is not invariant to m
+    for fn in (lambda *a: mlstm_cell(*a, chunk=4, eps=0.0)[0], lambda *a: mlstm_paper(*a, eps=0.0)[0]):
+        xs = [t.clone().requires_grad_() for t in ins]
+        (fn(*xs) * w).sum().backward()
+        grads.append([x.grad for x in xs])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-9), (a - b).abs().max()
+    xs = [t.clone().requires_grad_() for t in ins]
+    (mlstm_cell(*xs, chunk=4)[0] * w).sum().backward()
+    for x, b in zip(xs, grads[1]):
+        assert torch.allclose(x.grad, b, atol=1e-4)

@@ -16,8 +16,9 @@ n'_t = n_t e^{-m_t}:
     h_t  = C'_t q_t / (max(|n'_t^T q_t|, exp(-m_t)) + eps)                   (eps = 1e-6, as xLSTM)
 
 As the op: g = log f'_t (a scalar per head and step, <= 0), k = i'_t k_t / sqrt(Dk) (the input
-gate and the key's scale folded into k; q unscaled), v = [v_t, 1] (a ones column appended: the op's state is then [C'^T, n'] and one call
-reads out both C'_t q_t and n'_t^T q_t). Every exponent the op takes is therefore <= 0.
+gate and the key's scale folded into k; q unscaled), v = [v_t, 1] (a ones column appended: the
+op's state is then [C'^T, n'] and one call reads out both C'_t q_t and n'_t^T q_t). Every
+exponent the op takes is therefore <= 0.
 
 How the chunked form is stabilised: m is solved chunk by chunk in closed form. With b_i the
 cumulative log f inside a chunk (chunk-local, so bounded by the chunk's length) and m_s the
@@ -28,9 +29,12 @@ stabiliser before the chunk,
 one cumsum and one cummax per chunk (all chunks at once); only m_s is handed from chunk to chunk
 in a loop over chunks, like the op's state. This is exactly the per-step m_t of the paper (so the
 states equal the paper's stabilised C', n', m), computed without a sequential loop over steps and
-without cumsums over the whole sequence (whose rounding would grow with T). h does not depend on
-the choice of m (numerator and both sides of the max scale by e^{-m}), so m is computed without
-gradient. Decoding state: (state [B, H, Dk, Dv + 1] = [C'^T, n'], m [B, H], conv state).
+without cumsums over the whole sequence (whose rounding would grow with T). The op's inputs are
+formed from the same chunk-local numbers: with M_i = m_i - b_i (non-decreasing in the chunk),
+log f'_i = M_{i-1} - M_i and log i'_i = (i~_i - b_i) - M_i, both exactly <= 0 and free of the
+rounding of m itself (m grows without bound under the exponential forget gate). h does not
+depend on the choice of m (numerator and both sides of the max scale by e^{-m}), so m is a
+constant to autograd (see `mlstm_cell`). Decoding state: (state [B, H, Dk, Dv + 1] = [C'^T, n'], m [B, H], conv state).
 
 The layer around the cell is the paper's mLSTM block: up-projection by `expand` into x and z,
 short conv + SiLU on x, q and k from the conv output and v from x through block-diagonal
@@ -58,37 +62,55 @@ EPS = 1e-6  # added to the normaliser (xLSTM's eps)
 FORGET_GATES = ("sigmoid", "exp")
 
 
-def stabiliser(logf: Tensor, logi: Tensor, m0: Tensor, chunk: int = CHUNK) -> Tensor:
+def stabiliser(logf: Tensor, logi: Tensor, m0: Tensor, chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
     """m_t = max(logf_t + m_{t-1}, logi_t) for all t, chunk by chunk in closed form (module
-    docstring). logf, logi [B, H, T], m0 [B, H] -> m [B, H, T]."""
+    docstring), with log f'_t and log i'_t computed from chunk-local quantities: with
+    M_i = max(m_s, max_{j<=i} (i~_j - b_j)) (so m_i = b_i + M_i),
+
+        log f'_i = M_{i-1} - M_i   (M_{-1} = m_s)        log i'_i = (i~_i - b_i) - M_i
+
+    M is non-decreasing inside a chunk, so both are exactly <= 0, and they are differences of
+    chunk-local numbers rather than of m's (which grow without bound under an exponential forget
+    gate: their rounding, ~1e-7 |m| a step, would otherwise enter every decay).
+    logf, logi [B, H, T], m0 [B, H] -> (m, log f', log i'), each [B, H, T]; no gradient."""
     T = logf.shape[-1]
     C = max(1, min(chunk, T))
     N = -(-T // C)
     pad = N * C - T  # padding: log f = 0, i~ = -inf leave m unchanged
     b = F.pad(logf, (0, pad)).unflatten(-1, (N, C)).cumsum(-1)  # [B, H, N, C]
-    a = (F.pad(logi, (0, pad), value=float("-inf")).unflatten(-1, (N, C)) - b).cummax(-1).values
+    x = F.pad(logi, (0, pad), value=float("-inf")).unflatten(-1, (N, C)) - b  # i~_j - b_j
+    a = x.cummax(-1).values
     starts, m_s = [], m0
     for b_n, a_n in zip(b.unbind(-2), a.unbind(-2)):
         starts.append(m_s)
         m_s = b_n[..., -1] + torch.maximum(m_s, a_n[..., -1])
-    m = b + torch.maximum(torch.stack(starts, dim=-1).unsqueeze(-1), a)
-    return m.flatten(-2)[..., :T]
+    Ms = torch.stack(starts, dim=-1).unsqueeze(-1)  # [B, H, N, 1]: m before each chunk
+    M = torch.maximum(Ms, a)
+    logf_s = torch.cat([Ms, M[..., :-1]], dim=-1) - M
+    logi_s = x - M
+    return tuple(t.flatten(-2)[..., :T] for t in (b + M, logf_s, logi_s))
 
 
 def mlstm_cell(q: Tensor, k: Tensor, v: Tensor, logi: Tensor, logf: Tensor, *, chunk: int = CHUNK,
                state=None, decode: bool = False, eps: float = EPS):
     """The stabilised mLSTM cell through the op. q, k [B, H, T, Dk], v [B, H, T, Dv], logi = i~ and
     logf = log f [B, H, T], state None or (S [B, H, Dk, Dv + 1], m [B, H]) ->
-    (h [B, H, T, Dv], (S, m)). Chunked form, or the step form for one token when `decode`."""
+    (h [B, H, T, Dv], (S, m)). Chunked form, or the step form for one token when `decode`.
+
+    Gradients: h is invariant to m, so m is a constant to autograd; log f'_t = log f_t + m_{t-1}
+    - m_t and log i'_t = i~_t - m_t then have derivative 1 in log f_t and i~_t. The values come
+    from `stabiliser` (exact <= 0), the derivative through a detached offset."""
     B, H, T, Dk = q.shape
     cdt = compute_dtype(q.dtype)
     logi, logf = logi.to(cdt), logf.to(cdt)
     S0, m0 = state if state is not None else (None, logf.new_zeros(B, H))
-    with torch.no_grad():  # h is invariant to m: no gradient through it
-        m = stabiliser(logf, logi, m0.to(cdt), chunk)
-    m_prev = torch.cat([m0.to(cdt).unsqueeze(-1), m[..., :-1]], dim=-1)
-    g = (logf + m_prev - m).clamp(max=0.0)  # log f'_t (<= 0 up to rounding)
-    k = k.to(cdt) * ((logi - m).exp() * Dk ** -0.5).unsqueeze(-1)  # i'_t k_t / sqrt(Dk), the paper's scaled key
+    with torch.no_grad():
+        m, logf_s, logi_s = stabiliser(logf, logi, m0.to(cdt), chunk)
+    g = logf + (logf_s - logf).detach()  # log f'_t, value from stabiliser, d/dlog f = 1
+    g = g - g.detach().clamp(min=0.0)  # the rounding of the line above may leave +1 ulp
+    li = logi + (logi_s - logi).detach()  # log i'_t
+    li = li - li.detach().clamp(min=0.0)
+    k = k.to(cdt) * (li.exp() * Dk ** -0.5).unsqueeze(-1)  # i'_t k_t / sqrt(Dk), the paper's scaled key
     v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [v, 1]: the normaliser's column
     o, S = step_or_chunk(q, k, v, g, chunk=chunk, state=S0, decode=decode)
     num, qn = o[..., :-1], o[..., -1:]  # C'_t q_t and n'_t^T q_t
