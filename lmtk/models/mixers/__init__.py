@@ -21,9 +21,14 @@ import dataclasses
 
 from lmtk.errors import UserError, suggest
 from lmtk.models.mixers.attention import Attention
+from lmtk.models.mixers.gdn import GatedDeltaNet
+from lmtk.models.mixers.mamba2 import Mamba2
+from lmtk.models.mixers.metala import MetaLA
+from lmtk.models.mixers.mlstm import MLSTM
 
 # The one list of mixer names. Each class has a `Config` dataclass of its knobs (model.mixer.*).
 MIXERS = {"attention": Attention}
+MIXERS.update(metala=MetaLA, mamba2=Mamba2, mlstm=MLSTM, gdn=GatedDeltaNet)
 
 
 def mixer_config(knobs: dict) -> dict:
