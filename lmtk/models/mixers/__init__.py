@@ -21,9 +21,10 @@ import dataclasses
 
 from lmtk.errors import UserError, suggest
 from lmtk.models.mixers.attention import Attention
+from lmtk.models.mixers.gla import GLA
 
 # The one list of mixer names. Each class has a `Config` dataclass of its knobs (model.mixer.*).
-MIXERS = {"attention": Attention}
+MIXERS = {"attention": Attention, "gla": GLA}
 
 
 def mixer_config(knobs: dict) -> dict:
@@ -45,7 +46,9 @@ def mixer_config(knobs: dict) -> dict:
         merged = OmegaConf.merge(OmegaConf.structured(fields), knobs)
     except OmegaConfBaseException as err:
         raise UserError(f"invalid value for model.mixer.{getattr(err, 'key', '?')}: {str(getattr(err, 'msg', err)).splitlines()[0]}") from None
-    return {"name": name, **OmegaConf.to_container(merged)}
+    knobs = OmegaConf.to_container(merged)
+    fields(**knobs)  # the Config's own __post_init__ checks values (choices, ranges): a UserError
+    return {"name": name, **knobs}
 
 
 def layer_mixers(layers, n_layers: int, mixer: str) -> list[str]:
