@@ -22,9 +22,12 @@ import dataclasses
 from lmtk.errors import UserError, suggest
 from lmtk.models.mixers.attention import Attention
 from lmtk.models.mixers.gla import GLA
+from lmtk.models.mixers.hgrn2 import HGRN2
+from lmtk.models.mixers.linear import LinearAttention
+from lmtk.models.mixers.retnet import RetNet
 
 # The one list of mixer names. Each class has a `Config` dataclass of its knobs (model.mixer.*).
-MIXERS = {"attention": Attention, "gla": GLA}
+MIXERS = {"attention": Attention, "linear": LinearAttention, "retnet": RetNet, "gla": GLA, "hgrn2": HGRN2}
 
 
 def mixer_config(knobs: dict) -> dict:
