@@ -103,6 +103,13 @@ def test_gradients_reach_every_parameter(case):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_builds_on_the_meta_device(case):
+    """The trainer sizes models on the meta device (cpu_budget_note): init_weights must not read values."""
+    with torch.device("meta"):
+        model(CASES[case], perturb=False, n_layers=3)
+
+
 def test_bidirectional_reading_is_refused():
     m = model(CASES["gla"])
     with pytest.raises(ValueError, match="causal only"):
@@ -199,13 +206,16 @@ def test_hybrid_decodes_like_the_full_forward(name):
 
 
 def test_gla_learns_real_text(lmtk_env):
-    """40 steps of GLA (objective=clm) on the embedded corpus: val/clm_loss clearly below step 0."""
-    helpers.train(*helpers.TINY, "model/mixer=gla", "model.mixer.chunk=16", "budget.steps=40", "train.lr=3e-3",
+    """60 steps of tiny GLA (objective=clm) on the embedded corpus: val/clm_loss falls clearly
+    below step 0's and below the unigram model (~6.94 -> ~5.53, unigram ~5.79; ~3 s)."""
+    helpers.train(*helpers.TINY, "model/mixer=gla", "model.mixer.chunk=16", "budget.steps=60", "train.lr=1e-2",
                   "run.name=gla")
-    rows = [r for r in helpers.metrics(lmtk_env.runs / "gla") if "val/clm_loss" in r]
+    run = lmtk_env.runs / "gla"
+    rows = [r for r in helpers.metrics(run) if "val/clm_loss" in r]
     start, end = rows[0]["val/clm_loss"], rows[-1]["val/clm_loss"]
-    assert rows[0]["step"] == 0 and rows[-1]["step"] == 40
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == 60
     assert math.isfinite(end) and end < start - 1.0, (start, end)
+    assert end < helpers.info(run)["summary"]["unigram_loss"], end
 
 
 def test_masked_objectives_are_refused(lmtk_env):

@@ -24,6 +24,7 @@ expand_ratio x (d_model / H), so the state holds expand_ratio x d_model numbers 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,7 +81,7 @@ class HGRN2(RecurrentMixer):
         """gamma = logit(l / L): layer l's forget gates start bounded below by l / L."""
         if self.lower_bound is not None:
             beta = self.layer / self.n_layers
-            self.lower_bound.fill_(torch.logit(torch.tensor(beta)).item())
+            self.lower_bound.fill_(math.log(beta / (1 - beta)))  # plain floats: also on the meta device
 
     def log_forget(self, z: torch.Tensor) -> torch.Tensor:
         """log f = log(beta + (1 - beta) sigmoid(z)), <= 0 (layer 0: logsigmoid(z))."""
