@@ -45,7 +45,8 @@ class RecurrentMixer(nn.Module):
 
     def check_causal(self, causal: bool) -> None:
         if not causal:
-            raise ValueError(f"{type(self).__name__} is causal only (a left-to-right recurrence): it has no bidirectional reading")
+            raise ValueError(f"{type(self).__name__} is causal only (a left-to-right recurrence): "
+                             "it has no bidirectional reading")
 
     @staticmethod
     def heads(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -67,7 +67,8 @@ class HGRN2(RecurrentMixer):
         self.f = nn.Linear(d, forget_width, bias=cfg.bias)
         self.i = nn.Linear(d, d, bias=cfg.bias)
         # no activation: a swish before the forget gate would bound f away from 0
-        self.convs = nn.ModuleList(ShortConv(w, c.conv, activation=False) for w in (forget_width, forget_width, d)) if c.conv else None
+        self.convs = (nn.ModuleList(ShortConv(w, c.conv, activation=False) for w in (forget_width, forget_width, d))
+                      if c.conv else None)
         # gamma: the forget gate's lower bound beta = sigmoid(gamma); none in the first layer
         self.lower_bound = nn.Parameter(torch.zeros(forget_width)) if layer > 0 else None
         self.norm = RMSNorm(self.dv)
