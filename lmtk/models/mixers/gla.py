@@ -85,7 +85,7 @@ class GLA(RecurrentMixer):
         H = self.n_heads
         o, S = self.recur(self.heads(q, H), self.heads(k, H), self.heads(v, H), self.heads(g, H), S, decode,
                           scale=self.dk ** -0.5)
-        y = self.merge(self.norm(o))
+        y = self.merge(self.norm(o.float()))  # in fp32 (o comes back in q's dtype: bf16 under autocast)
         if self.gate is not None:
             y = F.silu(self.gate(x)) * y
         return self.drop(self.out(y)), ((S, *conv_states) if decode else None)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from lmtk.models.layers import RMSNorm
 from lmtk.models.mixers.common import RecurrentMixer, ShortConv, check_knobs, split_heads
-from lmtk.models.mixers.recurrence import CHUNK
+from lmtk.models.mixers.recurrence import CHUNK, compute_dtype
 
 FEATURE_MAPS = ("elu1", "relu", "taylor", "rebased", "hedgehog")
 
@@ -163,11 +163,12 @@ class LinearAttention(RecurrentMixer):
         q, k, v = self.phi(self.heads(q, H), self.phi_q), self.phi(self.heads(k, H), self.phi_k), self.heads(v, H)
         if self.normalize:
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # v' = [v, 1]: the last column sums phi(k)
+            q = q.to(compute_dtype(q.dtype))  # o in the op's fp32 (fp64): no division in bf16
         o, S = self.recur(q, k, v, None, S, decode)
         if self.normalize:
             o = o[..., :-1] / (o[..., -1:] + self.eps)
         if self.norm is not None:
-            o = self.norm(o)
+            o = self.norm(o.float())  # in fp32 (o is bf16 under autocast)
         y = self.merge(o)
         if self.gate is not None:
             y = F.silu(self.gate(x)) * y

@@ -88,7 +88,7 @@ class RetNet(RecurrentMixer):
         cos, sin = self.rotary.cos_sin(T, q.dtype, offset)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         o, S = self.recur(q, k, v, self.log_decay, S, decode, scale=self.dk ** -0.5)
-        y = self.group_norm(self.merge(o).reshape(B * T, -1)).view(B, T, -1)
+        y = self.group_norm(self.merge(o).float().reshape(B * T, -1)).view(B, T, -1)  # in fp32
         if self.gate is not None:
             y = F.silu(self.gate(x)) * y
         return self.drop(self.out(y)), ((S, *conv_states) if decode else None)
