@@ -22,13 +22,19 @@ import dataclasses
 from lmtk.errors import UserError, suggest
 from lmtk.models.mixers.attention import Attention
 from lmtk.models.mixers.gdn import GatedDeltaNet
+from lmtk.models.mixers.gla import GLA
+from lmtk.models.mixers.hgrn2 import HGRN2
+from lmtk.models.mixers.linear import LinearAttention
 from lmtk.models.mixers.mamba2 import Mamba2
 from lmtk.models.mixers.metala import MetaLA
 from lmtk.models.mixers.mlstm import MLSTM
+from lmtk.models.mixers.retnet import RetNet
 
 # The one list of mixer names. Each class has a `Config` dataclass of its knobs (model.mixer.*).
-MIXERS = {"attention": Attention}
-MIXERS.update(metala=MetaLA, mamba2=Mamba2, mlstm=MLSTM, gdn=GatedDeltaNet)
+MIXERS = {
+    "attention": Attention, "linear": LinearAttention, "retnet": RetNet, "gla": GLA, "hgrn2": HGRN2,
+    "metala": MetaLA, "mamba2": Mamba2, "mlstm": MLSTM, "gdn": GatedDeltaNet,
+}
 
 
 def mixer_config(knobs: dict) -> dict:
@@ -50,7 +56,9 @@ def mixer_config(knobs: dict) -> dict:
         merged = OmegaConf.merge(OmegaConf.structured(fields), knobs)
     except OmegaConfBaseException as err:
         raise UserError(f"invalid value for model.mixer.{getattr(err, 'key', '?')}: {str(getattr(err, 'msg', err)).splitlines()[0]}") from None
-    return {"name": name, **OmegaConf.to_container(merged)}
+    knobs = OmegaConf.to_container(merged)
+    fields(**knobs)  # the Config's own __post_init__ checks values (choices, ranges): a UserError
+    return {"name": name, **knobs}
 
 
 def layer_mixers(layers, n_layers: int, mixer: str) -> list[str]:

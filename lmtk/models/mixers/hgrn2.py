@@ -1,0 +1,110 @@
+"""HGRN2 (Qin, Yang, Sun, Shen, Li, Sun and Zhong 2024, "HGRN2: Gated Linear RNNs with State
+Expansion", arXiv:2404.07904). HGRN's gated recurrence with its element-wise product replaced by
+an outer product, which expands the state of each head to expand_ratio x Dv: it is GLA-shaped,
+with the forget gate's complement as the key. Per head, on the recurrence of recurrence.py:
+
+    f_t = beta + (1 - beta) sigmoid(x_t W_f)        (forget gate, per key channel; beta: lower bound)
+    i_t = x_t W_i                                   (input)
+    q_t = swish(x_t W_q)                            (HGRN's output gate, now the query)
+    S_t = diag(f_t) S_{t-1} + (1 - f_t) i_t^T       (q = q, k = 1 - f, v = i, g = log f)
+    o_t = S_t^T q_t / sqrt(Dk)
+    y_t = RMSNorm(o_t) W_o                          (per head; swish(x W_r) * first if output_gate)
+
+The lower bound beta rises with depth (HGRN): the first layer has none (beta = 0, short
+memories) and layer l of L starts at beta = l / L (long memories higher up). HGRN makes the bounds
+of all layers one cumulative softmax of a shared parameter; here each layer owns its bound (the
+layer index comes to the constructor): beta = sigmoid(gamma), a learnable gamma per forget
+channel, set in init_weights to logit(l / L), so the bounds rise with depth at initialisation
+but are not forced to stay ordered. log f is computed without cancelling:
+log f = logaddexp(log beta, log(1 - beta) + logsigmoid(x W_f)), and k = 1 - f = -expm1(log f).
+
+Heads as the paper: H = d_model / expand_ratio (at least 1), each with a state of
+expand_ratio x (d_model / H), so the state holds expand_ratio x d_model numbers per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmtk.models.layers import RMSNorm
+from lmtk.models.mixers.common import RecurrentMixer, ShortConv, check_knobs, split_heads
+from lmtk.models.mixers.recurrence import CHUNK
+
+
+class HGRN2(RecurrentMixer):
+    @dataclass
+    class Config:
+        expand_ratio: int = 64  # state expansion: key (forget-gate) size per head
+        n_heads: Optional[int] = None  # heads (None: d_model / expand_ratio, at least 1, as the paper)
+        output_gate: bool = False  # swish(x W_r) * RMSNorm(o) (the paper has none: q is HGRN's output gate)
+        conv: int = 0  # short causal conv on q, f, i (size; 0: none, as the paper; no activation)
+        chunk: int = CHUNK  # chunk length of the chunked (training) form
+
+        def __post_init__(self):
+            from lmtk.errors import UserError
+
+            check_knobs("hgrn2", self.chunk, self.conv)
+            if self.expand_ratio < 1:
+                raise UserError(f"model.mixer.expand_ratio={self.expand_ratio} for mixer hgrn2: must be >= 1")
+
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        c = self.Config(**{k: v for k, v in cfg.mixer.items() if k != "name"})
+        d = cfg.d_model
+        self.n_heads = H = c.n_heads or max(1, d // c.expand_ratio)
+        self.dk = c.expand_ratio
+        self.dv = split_heads("hgrn2", d, H, "input")
+        forget_width = H * self.dk
+        self.chunk = c.chunk
+        self.layer, self.n_layers = layer, cfg.n_layers
+        self.q = nn.Linear(d, forget_width, bias=cfg.bias)
+        self.f = nn.Linear(d, forget_width, bias=cfg.bias)
+        self.i = nn.Linear(d, d, bias=cfg.bias)
+        # no activation: a swish before the forget gate would bound f away from 0
+        self.convs = (nn.ModuleList(ShortConv(w, c.conv, activation=False) for w in (forget_width, forget_width, d))
+                      if c.conv else None)
+        # gamma: the forget gate's lower bound beta = sigmoid(gamma); none in the first layer
+        self.lower_bound = nn.Parameter(torch.zeros(forget_width)) if layer > 0 else None
+        self.norm = RMSNorm(self.dv)
+        self.gate = nn.Linear(d, d, bias=cfg.bias) if c.output_gate else None
+        self.out = nn.Linear(d, d, bias=cfg.bias)
+        self.out.is_residual_out = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """gamma = logit(l / L): layer l's forget gates start bounded below by l / L."""
+        if self.lower_bound is not None:
+            beta = self.layer / self.n_layers
+            self.lower_bound.fill_(math.log(beta / (1 - beta)))  # plain floats: also on the meta device
+
+    def log_forget(self, z: torch.Tensor) -> torch.Tensor:
+        """log f = log(beta + (1 - beta) sigmoid(z)), <= 0 (layer 0: logsigmoid(z))."""
+        if self.lower_bound is None:
+            return F.logsigmoid(z)
+        return torch.logaddexp(F.logsigmoid(self.lower_bound), F.logsigmoid(-self.lower_bound) + F.logsigmoid(z))
+
+    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
+        self.check_causal(causal)
+        S, conv_states = (state[0], state[1:]) if state is not None else (None, None)
+        (q, f, i), conv_states = self.convolve(self.convs, [self.q(x), self.f(x), self.i(x)], conv_states, decode)
+        g = self.log_forget(f)  # log f_t
+        k = -torch.expm1(g)  # 1 - f_t
+        q = F.silu(q)
+        H = self.n_heads
+        o, S = self.recur(self.heads(q, H), self.heads(k, H), self.heads(i, H), self.heads(g, H), S, decode,
+                          scale=self.dk ** -0.5)
+        y = self.merge(self.norm(o.float()))  # in fp32 (o comes back in q's dtype: bf16 under autocast)
+        if self.gate is not None:
+            y = F.silu(self.gate(x)) * y
+        return self.drop(self.out(y)), ((S, *conv_states) if decode else None)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""
+        return self.recurrence_flops(self.n_heads, self.dk, self.dv)
