@@ -19,12 +19,19 @@ class Attention(nn.Module):
         self.out.is_residual_out = True
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.rotary = Rotary(self.head_dim, cfg.rope_base, cfg.max_seq_len) if cfg.positions == "rope" else None
+        self.rotary = Rotary(self.head_dim, cfg.rope_base, cfg.max_seq_len, cfg.rope_layout) if cfg.positions == "rope" else None
+        self.half = self.rotary is not None and cfg.rope_layout == "half"
 
     def forward(self, x, causal: bool = True):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.rotary is not None:
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        if self.half:  # q and k rotated in one pass, before the heads move in front of time
+            cos, sin = self.rotary.cos_sin(T, qkv.dtype)
+            q, k = (t.transpose(1, 2) for t in self.rotary.rotate_qk(qkv[:, :, :2], cos, sin).unbind(2))
+            v = qkv[:, :, 2].transpose(1, 2)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        if self.rotary is not None and not self.half:
             cos, sin = self.rotary.cos_sin(T, q.dtype)
             q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(
