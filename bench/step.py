@@ -60,7 +60,7 @@ def build(overrides: list[str]):
     from lmtk.config import compose
     from lmtk.models import build_model, model_config
     from lmtk.objectives import build_objective
-    from lmtk.train.optim import build_optimizer
+    from lmtk.train.optim import build_optimizer, step_unless
 
     extra = {o.split("=")[0][1:] for o in overrides if o.startswith("+")}
     cfg = compose("default", [o for o in overrides if not o.startswith("+")])
@@ -93,9 +93,7 @@ def step(v) -> None:
         loss, _ = v["obj"].loss(model, batch, torch.Generator().manual_seed(v["i"]), 0.0)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.found_inf = (~torch.isfinite(loss.detach() + gnorm)).float()
-        opt.step()
-        del opt.found_inf
+        step_unless(opt, (~torch.isfinite(loss.detach() + gnorm)))
         opt.zero_grad(set_to_none=True)
     finally:
         layers.RMSNorm.forward = new_rms

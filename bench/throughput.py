@@ -65,7 +65,7 @@ def train_throughput(label: str, cfg, vocab: int, micro_batch: int, steps: int, 
     from lmtk.models import build_model, model_config
     from lmtk.objectives import build_objective
     from lmtk.train.loop import step_seed
-    from lmtk.train.optim import build_optimizer
+    from lmtk.train.optim import build_optimizer, step_unless
 
     torch.manual_seed(0)
     mcfg = model_config(cfg.model, vocab)
@@ -84,9 +84,7 @@ def train_throughput(label: str, cfg, vocab: int, micro_batch: int, steps: int, 
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         # as lmtk.train.loop.fit: a non-finite step is skipped on the device by fused AdamW
-        opt.found_inf = (~torch.isfinite(loss.detach() + gnorm)).float()
-        opt.step()
-        del opt.found_inf
+        step_unless(opt, (~torch.isfinite(loss.detach() + gnorm)))
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
