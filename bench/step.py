@@ -6,12 +6,14 @@ step of the real loop spends its time outside the model.
    recipe's shape (2L d128 h4, BPE-1k, 8 x 128), built in-process as bench/throughput.py
    does, for variants run in alternating rounds in one process (A, B, C, A, B, C, ...), so a
    shared machine's load hits them alike; medians and ratios to the first variant:
-     gpt2-style   learned positions, LayerNorm, GELU, biases (nanoGPT's block)
-     before       the default recipe as of issue 16: interleaved RoPE, F.rms_norm, fused head
-     +half-rope   rotary in the half-split layout (model.rope_layout=half)
-     +rmsnorm-fn  and RMSNorm with the hand-written backward (lmtk.models.layers.rms_norm)
-     after        the default recipe now (head dispatch included)
-     after,plain  ... with objective.fused_head=false
+     gpt2-style      learned positions, LayerNorm, GELU, biases (nanoGPT's block), before / after
+     before          the default recipe as of issue 16: interleaved RoPE, F.rms_norm, fused head,
+                     fused AdamW
+     +half-rope      rotary in the half-split layout (model.rope_layout=half)
+     +rmsnorm-fn     and RMSNorm with the hand-written backward (lmtk.models.layers.rms_norm)
+     +foreach-adamw  and foreach AdamW (CPU)
+     after           the default recipe now (the head dispatch included: fused at this shape)
+     after, plain    ... with objective.fused_head=false
 2. --profile: `lmtk train` itself (default recipe, budget.steps) under torch.profiler, with
    the loop's pieces labelled (forward/backward, clip, optimizer step, guard, meter, schedule,
    logging/progress, data): the share of a step each takes.
@@ -19,6 +21,7 @@ step of the real loop spends its time outside the model.
     python bench/step.py                      # ~2 min on 2 cores
     python bench/step.py --threads 1          # CPU time of one thread: steadier on a loaded machine
     python bench/step.py --profile --steps 60
+    python bench/step.py --micro --threads 1  # each formulation alone (rotary, norms, fused/plain head)
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from common import stub_tokenizer, table
 REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS = {
-    "gpt2-style": ["model.positions=learned", "model.norm=layernorm", "model.mlp=gelu", "model.bias=true", "+old_rms=1"],
-    "before": ["model.rope_layout=interleaved", "+old_rms=1", "objective.fused_head=true", "+force_fused=1"],
-    "+half-rope": ["+old_rms=1", "+force_fused=1"],
-    "+rmsnorm-fn": ["+force_fused=1"],
+    "gpt2-style, before": ["model.positions=learned", "model.norm=layernorm", "model.mlp=gelu", "model.bias=true", "+fused_adamw=1"],
+    "before": ["model.rope_layout=interleaved", "+old_rms=1", "+force_fused=1", "+fused_adamw=1"],
+    "+half-rope": ["+old_rms=1", "+force_fused=1", "+fused_adamw=1"],
+    "+rmsnorm-fn": ["+force_fused=1", "+fused_adamw=1"],
+    "+foreach-adamw": ["+force_fused=1"],
     "after": [],
-    "after,plain": ["objective.fused_head=false"],
+    "after, plain head": ["objective.fused_head=false"],
+    "gpt2-style, after": ["model.positions=learned", "model.norm=layernorm", "model.mlp=gelu", "model.bias=true"],
 }
 
 
@@ -53,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); 1: time CPU time of the thread")
     p.add_argument("--only", default=None, help="comma-separated variant labels")
     p.add_argument("--profile", action="store_true", help="profile `lmtk train` (default recipe) instead")
+    p.add_argument("--micro", action="store_true", help="time each formulation alone (rotary, norms, head) instead")
     return p.parse_args(argv)
 
 
@@ -71,6 +77,9 @@ def build(overrides: list[str]):
     if "force_fused" in extra:
         obj.head_dispatch = False  # the fused head at every shape, as before issue 16
     opt = build_optimizer(model, cfg.optim, cfg.train.lr, torch.device("cpu"))
+    if "fused_adamw" in extra:  # before issue 16: the fused AdamW kernel on CPU too
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(5, vocab, (cfg.train.micro_batch_size, cfg.data.seq_len), generator=gen) for _ in range(4)]
     return dict(cfg=cfg, model=model, obj=obj, opt=opt, batches=batches, old_rms="old_rms" in extra, i=0)
@@ -82,6 +91,7 @@ def _old_rms(self, x):  # RMSNorm.forward before issue 16
 
 def step(v) -> None:
     from lmtk.models import layers
+    from lmtk.train.optim import step_unless
 
     new_rms = layers.RMSNorm.forward
     if v["old_rms"]:
@@ -125,6 +135,79 @@ def step_section(args) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+
+
+def _timeit(fns: dict, clock, reps: int = 10, rounds: int = 15) -> dict:
+    """Median microseconds per call of each function, in alternating rounds."""
+    us = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            f()
+            t0 = clock()
+            for _ in range(reps):
+                f()
+            us[k].append(1e6 * (clock() - t0) / reps)
+    return {k: statistics.median(v) for k, v in us.items()}
+
+
+def micro_section(args) -> str:
+    """fwd+bwd of each formulation alone at the default recipe's shape (B 8, T 128, d 128, 4 heads)."""
+    import torch.nn.functional as F
+
+    from lmtk.models import layers
+    from lmtk.models.fused_ce import linear_cross_entropy
+
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    torch.manual_seed(0)
+    B, T, H, Dh = 8, 128, 4, 32
+    D = H * Dh
+    rows = []
+    # rotary on q and k out of the qkv projection (the projection's own cost included in both)
+    rot = layers.Rotary(Dh, 10000.0, T, "half")
+    cos, sin = rot.cos_sin(T, torch.float32)
+    W = torch.randn(3 * D, D) * 0.02
+    x = torch.randn(B, T, D, requires_grad=True)
+
+    def interleaved():
+        q, k, v = F.linear(x, W).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        q, k = rot(q, cos, sin), rot(k, cos, sin)
+        (q.sum() + k.sum() * 0.5 + v.sum()).backward()
+
+    def half():
+        qkv = F.linear(x, W).view(B, T, 3, H, Dh)
+        q, k = (t.transpose(1, 2) for t in rot.rotate_qk(qkv[:, :, :2], cos, sin).unbind(2))
+        (q.sum() + k.sum() * 0.5 + qkv[:, :, 2].transpose(1, 2).sum()).backward()
+
+    def no_rope():
+        q, k, v = F.linear(x, W).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        (q.sum() + k.sum() * 0.5 + v.sum()).backward()
+
+    r = _timeit({"interleaved": interleaved, "half": half, "none": no_rope}, clock)
+    for k in ("interleaved", "half"):
+        rows.append([f"rotary q,k: {k} (qkv projection + rotation)", f"{r[k]:,.0f}", f"{r[k] - r['none']:,.0f}"])
+    # norms
+    xn = torch.randn(B, T, D, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(D)).requires_grad_()
+    g = torch.randn(B, T, D)
+    norms = {
+        "F.rms_norm (before)": lambda: F.rms_norm(xn, (D,), w, 1e-6).backward(g),
+        "x * rsqrt(mean(x^2) + eps) * w": lambda: (xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-6) * w).backward(g),
+        "lmtk rms_norm (after)": lambda: layers.rms_norm(xn, w, 1e-6).backward(g),
+        "F.layer_norm (no bias), for scale": lambda: F.layer_norm(xn, (D,), w, None, 1e-5).backward(g),
+        "LayerNorm of [x, -x] (exact RMSNorm)": lambda: (F.layer_norm(torch.cat((xn, -xn), -1), (2 * D,), None, None, 1e-6)[..., :D] * w).backward(g),
+    }
+    r = _timeit(norms, clock)
+    rows += [[f"norm: {k}", f"{v:,.0f}", "-"] for k, v in r.items()]
+    # head: fused vs plain, rows x vocab x d
+    for n, v, d in [(127, 1024, 128), (254, 512, 64), (1016, 256, 128), (508, 1024, 128), (1016, 1024, 128), (1016, 4096, 128)]:
+        h = torch.randn(n, d, requires_grad=True)
+        wv = (torch.randn(v, d) * 0.02).requires_grad_()
+        t = torch.randint(0, v, (n,))
+        r = _timeit({"fused": lambda: linear_cross_entropy(h, wv, t, dispatch=False).backward(),
+                     "plain": lambda: F.cross_entropy(F.linear(h, wv), t).backward()}, clock, reps=5, rounds=9)
+        rows.append([f"head {n} rows x {v} vocab x d{d}: fused / plain", f"{r['fused']:,.0f} / {r['plain']:,.0f}",
+                     f"{r['fused'] / r['plain']:.2f}x"])
+    return table(["formulation (fwd+bwd)", "us (median)", "over none / ratio"], rows)
 
 
 def profile_section(args) -> str:
@@ -195,7 +278,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), fp32, python {platform.python_version()}", flush=True)
-    out = profile_section(args) if args.profile else step_section(args)
+    out = profile_section(args) if args.profile else micro_section(args) if args.micro else step_section(args)
     print("\n" + out)
     return 0
 

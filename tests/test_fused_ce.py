@@ -247,7 +247,7 @@ def test_head_chunk_must_be_positive():
         compose("default", ["budget.steps=1", "objective.head_chunk=0"])
 
 
-@pytest.mark.parametrize("rows,vocab,fused", [(127, 1024, False), (511, 1024, False), (512, 1024, True), (1016, 1024, True),
+@pytest.mark.parametrize("rows,vocab,fused", [(127, 1024, False), (195, 1024, False), (196, 1024, True), (1016, 1024, True),
                                               (64, 50304, True)])
 def test_head_dispatch_follows_the_measured_rule_and_both_sides_agree(monkeypatch, rows, vocab, fused):
     """Below PLAIN_BELOW rows x vocab the plain head runs, above it the fused one; loss and

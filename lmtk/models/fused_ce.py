@@ -29,12 +29,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Below this many rows x vocabulary entries the plain head (F.linear + F.cross_entropy) is as fast
-# or faster than the fused one, whose chunk loop and custom backward are fixed costs; memory
-# there is a few MB either way. Measured on a 2-core CPU, fwd+bwd of the head alone, fused/plain:
-# 127x1024 1.08, 254x512 1.16, 1016x256 1.01, 508x1024 0.94, 1016x1024 0.96, 1016x4096 0.83
-# (bench/RESULTS.md, issue 16). Not yet measured on a GPU.
-PLAIN_BELOW = 2**19
+# Below this many rows x vocabulary entries the plain head (F.linear + F.cross_entropy) is faster
+# than the fused one, whose chunk loop and custom backward are fixed costs; memory there is a few
+# MB either way. Measured on a 2-core CPU, fwd+bwd of the head alone (bench/step.py --micro),
+# fused/plain: 127x1024 1.08-1.11, 254x512 1.14-1.16, 1016x256 0.88-1.01, 508x1024 0.84-0.94,
+# 1016x1024 0.82-0.96, 1016x4096 0.78-0.83 (bench/RESULTS.md, issue 16). Not yet measured on a GPU.
+PLAIN_BELOW = 200_000
 DEFAULT_CHUNK = 1024  # rows per chunk (objective.head_chunk's default); chosen by measurement (bench/RESULTS.md, "vs Hugging Face")
 
 
