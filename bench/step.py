@@ -243,9 +243,8 @@ def profile_section(args) -> str:
     import lmtk.data.packing as packing
     wrap(packing.Batches, "get", "9 data: Batches.get")
     # the progress bar / console line
-    con = log.Console if hasattr(log, "Console") else None
-    if con is not None and hasattr(con, "progress_update"):
-        wrap(con, "progress_update", "8 console.progress_update")
+    wrap(log.ConsoleSink, "progress_update", "8 console.progress_update")
+    wrap(loop, "step_seed", "9 per-micro-batch seed")
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LMTK_RUNS"] = tmp

@@ -4,6 +4,7 @@ same wall-clock training budget (issue 16): tok/s and validation bits-per-byte, 
 
     python bench/vs_nanogpt.py --nanogpt ~/src/nanoGPT            # 90 s each on bench/data/english
     python bench/vs_nanogpt.py --nanogpt PATH --seconds 30 --data /tmp/english
+    python bench/vs_nanogpt.py --nanogpt PATH --step [--threads 1]   # one step each, alternating rounds
 
 PATH is a nanoGPT checkout you fetched yourself (git clone https://github.com/karpathy/nanoGPT);
 this script downloads nothing. Without one it says so in one line and exits 2.
@@ -62,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=90.0, help="training budget of each (default: %(default)s)")
     p.add_argument("--recipe", default="default", help="lmtk recipe (default: %(default)s)")
     p.add_argument("--calibrate", type=int, default=40, help="nanoGPT iterations of the calibration run (default: %(default)s)")
+    p.add_argument("--step", action="store_true",
+                   help="instead: time one training step of each in one process, alternating rounds (no data needed)")
+    p.add_argument("--rounds", type=int, default=9, help="--step: alternating rounds (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="--step: torch threads; 1: CPU time of the thread")
     p.add_argument("--work", default=None, help="directory for runs and nanoGPT data (default: a temporary one)")
     return parse_with_overrides(p, argv)
 
@@ -189,12 +194,70 @@ def nanogpt_val(path: Path, out_dir: Path, cfg, cache, tok) -> dict:
             "params": sum(p.numel() for p in gpt.parameters())}
 
 
+def step_compare(args, nano: Path) -> int:
+    """One step (fwd + bwd + clip + AdamW) of nanoGPT's GPT (its own configure_optimizers) and of
+    lmtk's default recipe (bench/step.py builds it as `lmtk train` does), alternating rounds."""
+    import torch
+
+    import step as lstep
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    lm = lstep.build(list(args.overrides))
+    cfg = lm["cfg"]
+    sys.path.insert(0, str(nano))
+    try:
+        from model import GPT, GPTConfig  # nanoGPT's
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=cfg.data.seq_len, vocab_size=lm["model"].cfg.vocab_size, n_layer=cfg.model.n_layers,
+                        n_head=cfg.model.n_heads, n_embd=cfg.model.d_model, dropout=0.0, bias=False))
+    gopt = gpt.configure_optimizers(cfg.optim.weight_decay, cfg.train.lr, tuple(cfg.optim.betas), "cpu")
+    B, L = cfg.train.micro_batch_size, cfg.data.seq_len
+    xs = [torch.randint(5, lm["model"].cfg.vocab_size, (B, L + 1)) for _ in range(4)]
+    it = [0]
+
+    def nano_step():  # as nanoGPT's train.py: forward with targets, backward, clip, step, zero_grad
+        x = xs[it[0] % 4]
+        it[0] += 1
+        _, loss = gpt(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.train.grad_clip)
+        gopt.step()
+        gopt.zero_grad(set_to_none=True)
+
+    fns = {"nanoGPT": nano_step, "lmtk": lambda: lstep.step(lm)}
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    ms = {k: [] for k in fns}
+    for r in range(args.rounds):
+        for k, f in fns.items():
+            t0 = clock()
+            for _ in range(8):
+                f()
+            ms[k].append(1000 * (clock() - t0) / 8)
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    tok = B * L
+    print(f"one step, {cfg.model.n_layers}L d{cfg.model.d_model}, {B}x{L}, {torch.get_num_threads()} thread(s), "
+          f"{args.rounds} alternating rounds of 8 steps; load {os.getloadavg()[0]:.1f}")
+    print(table(["", "ms/step (median)", "range", "tok/s"],
+                [[k, f"{med[k]:.1f}", f"{min(ms[k]):.1f}-{max(ms[k]):.1f}", f"{tok / med[k] * 1000:,.0f}"] for k in fns]))
+    print(f"\nratio lmtk/nanoGPT tok/s: {med['nanoGPT'] / med['lmtk']:.3f}x (rounds: "
+          + " ".join(f"{a / b:.2f}" for a, b in zip(ms["nanoGPT"], ms["lmtk"])) + ")")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     missing = nanogpt_missing(args.nanogpt)
     if missing:
         print(missing)
         return 2
+    if args.step:
+        return step_compare(args, Path(args.nanogpt).expanduser().resolve())
     nano = Path(args.nanogpt).expanduser().resolve()
     data = Path(args.data).resolve()
     if not (data / "train.txt").is_file() or not (data / "val.txt").is_file():
