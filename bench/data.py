@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     from lmtk.models import build_model, model_config
     from lmtk.objectives import build_objective
     from lmtk.train.loop import step_seed
-    from lmtk.train.optim import build_optimizer
+    from lmtk.train.optim import build_optimizer, step_unless
 
     device = torch.device(args.device)
     tokens = np.memmap(path, dtype=dtype, mode="r")
@@ -188,9 +188,7 @@ def main(argv=None) -> int:
         loss, _ = objective.loss(model, batch.to(device, non_blocking=True), gen, 0.0)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.found_inf = (~torch.isfinite(loss.detach().float() + gnorm)).float()  # as the loop: skip on device
-        opt.step()
-        del opt.found_inf
+        step_unless(opt, (~torch.isfinite(loss.detach().float() + gnorm)))  # as the loop: skip on device
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -85,7 +85,7 @@ def bench_model(name: str, args, device: torch.device) -> list[str]:
     from lmtk.models import ModelConfig, build_model
     from lmtk.objectives import CLM, MLM
     from lmtk.train.loop import step_seed
-    from lmtk.train.optim import build_optimizer
+    from lmtk.train.optim import build_optimizer, step_unless
 
     spec = dict(MODELS[name])
     if args.smoke:
@@ -130,9 +130,7 @@ def bench_model(name: str, args, device: torch.device) -> list[str]:
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         # as lmtk.train.loop.fit: a non-finite step is skipped on the device (fused AdamW reads
         # found_inf), no host sync per step
-        opt.found_inf = (~torch.isfinite(loss.detach().float() + gnorm)).float()
-        opt.step()
-        del opt.found_inf
+        step_unless(opt, (~torch.isfinite(loss.detach().float() + gnorm)))
         opt.zero_grad(set_to_none=True)
 
     print(f"[{name}] {d.layers} layers d{d.d_model} {mcfg.mlp}, vocab {d.vocab}, {d.batch}x{d.seq}, {d.objective}, "

@@ -3,7 +3,7 @@
 
 1. train tok/s: the model, objective and optimizer are built in-process from lmtk
    (lmtk.models, lmtk.objectives, lmtk.train.optim) exactly as `lmtk train` builds them;
-   each timed step is forward + backward + grad clip + fused AdamW step on one micro-batch of
+   each timed step is forward + backward + grad clip + AdamW step (fused on GPU, foreach on CPU) on one micro-batch of
    synthetic token ids (throughput does not depend on the ids), after warm-up steps.
      - default: the model/objective/seq_len/micro-batch of recipes/default.yaml
      - bert:    Cramming's BERT (conf/model/crammed-bert.yaml: 16 layers, d768), MLM with
@@ -65,7 +65,7 @@ def train_throughput(label: str, cfg, vocab: int, micro_batch: int, steps: int, 
     from lmtk.models import build_model, model_config
     from lmtk.objectives import build_objective
     from lmtk.train.loop import step_seed
-    from lmtk.train.optim import build_optimizer
+    from lmtk.train.optim import build_optimizer, step_unless
 
     torch.manual_seed(0)
     mcfg = model_config(cfg.model, vocab)
@@ -83,10 +83,8 @@ def train_throughput(label: str, cfg, vocab: int, micro_batch: int, steps: int, 
         loss, _ = objective.loss(model, batch, gen, 0.0)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        # as lmtk.train.loop.fit: a non-finite step is skipped on the device by fused AdamW
-        opt.found_inf = (~torch.isfinite(loss.detach() + gnorm)).float()
-        opt.step()
-        del opt.found_inf
+        # as lmtk.train.loop.fit: a non-finite step is skipped (on the device by fused AdamW on a GPU)
+        step_unless(opt, (~torch.isfinite(loss.detach() + gnorm)))
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 

@@ -30,6 +30,7 @@ class ModelCfg:
     max_seq_len: int = 1024  # only learned positions need it
     positions: str = "learned"  # learned | sinusoidal | rope | none
     rope_base: float = 10000.0
+    rope_layout: str = "half"  # half (rotate_half) | interleaved (runs before issue 16); a checkpoint keeps its own
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
     norm_eps: Optional[float] = None  # epsilon of every norm; null: the norm's usual (LayerNorm 1e-5, RMSNorm 1e-6)
@@ -181,6 +182,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "model.positions": ("learned", "sinusoidal", "rope", "none"),
+    "model.rope_layout": ("half", "interleaved"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("gelu", "gated-gelu", "swiglu"),

@@ -28,7 +28,8 @@ def model(**kw) -> LanguageModel:
 
 
 CASES = {
-    "rope": {}, "learned": {"positions": "learned"}, "sinusoidal": {"positions": "sinusoidal"},
+    "rope": {}, "rope-half": {"rope_layout": "half"}, "gqa-half": {"n_kv_heads": 2, "rope_layout": "half"},
+    "learned": {"positions": "learned"}, "sinusoidal": {"positions": "sinusoidal"},
     "none": {"positions": "none"}, "gqa": {"n_kv_heads": 2}, "mqa": {"n_kv_heads": 1},
     "window": {"window": 5}, "window-gqa": {"window": 3, "n_kv_heads": 2},
     "post-norm": {"norm_position": "post", "norm": "layernorm", "bias": True},
@@ -174,3 +175,15 @@ def test_masked_objective_with_a_causal_only_mixer_is_refused(left_to_right, lmt
     res = helpers.cli("train", *helpers.TINY, "budget.steps=2", "objective=mlm", "run.name=m")
     assert isinstance(res.exception, UserError) and "cannot give (it reads left to right)" in str(res.exception)
     assert not (lmtk_env.runs / "m").exists()
+
+
+def test_rope_layout_conversion_with_grouped_query_heads():
+    """convert_rope_layout permutes the q rows of n_heads heads and the k rows of n_kv_heads heads."""
+    from lmtk.models.layers import convert_rope_layout
+
+    old = model(n_kv_heads=2, rope_layout="interleaved")
+    new = model(n_kv_heads=2, rope_layout="half")
+    new.load_state_dict(convert_rope_layout(old.state_dict(), old.cfg, to="half"))
+    ids = torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.allclose(old(ids), new(ids), atol=1e-5)

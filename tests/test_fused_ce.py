@@ -19,6 +19,16 @@ N_SPECIAL = 5
 TOK = SimpleNamespace(vocab_size=V, mask_id=4, special_ids=list(range(N_SPECIAL)))
 
 
+@pytest.fixture(autouse=True)
+def always_fused(monkeypatch, request):
+    """These tests' shapes are far below fused_ce.PLAIN_BELOW, where the head dispatches to the
+    plain path: they test the fused path itself, so the threshold is 0 here (except the dispatch tests)."""
+    import lmtk.models.fused_ce as fused_ce
+
+    if "dispatch" not in request.node.name:
+        monkeypatch.setattr(fused_ce, "PLAIN_BELOW", 0)
+
+
 def _case(n=37, d=12, dtype=torch.float64, bias=False, ignored=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g, dtype=dtype, requires_grad=True)
@@ -235,3 +245,47 @@ def test_head_chunk_must_be_positive():
 
     with pytest.raises(UserError, match="objective.head_chunk=0"):
         compose("default", ["budget.steps=1", "objective.head_chunk=0"])
+
+
+@pytest.mark.parametrize("rows,vocab,fused", [(127, 1024, False), (195, 1024, False), (196, 1024, True), (1016, 1024, True),
+                                              (64, 50304, True)])
+def test_head_dispatch_follows_the_measured_rule_and_both_sides_agree(monkeypatch, rows, vocab, fused):
+    """Below PLAIN_BELOW rows x vocab the plain head runs, above it the fused one; loss and
+    gradients are the same either way (to float rounding), so the rule only changes speed."""
+    import lmtk.models.fused_ce as fused_ce
+
+    assert fused_ce.fused_pays(rows, vocab) == fused
+    calls = []
+    real = fused_ce._LinearCrossEntropy.apply
+    monkeypatch.setattr(fused_ce._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, 16, generator=g, requires_grad=True)
+    w = (torch.randn(vocab, 16, generator=g) * 0.5).requires_grad_()
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[:3] = -100
+    out = []
+    for dispatch in (True, False):  # False: always the fused path
+        loss = linear_cross_entropy(h, w, t, dispatch=dispatch)
+        out.append((loss.detach(), *torch.autograd.grad(loss, (h, w))))
+    assert len(calls) == 1 + fused
+    ref = F.cross_entropy(F.linear(h, w), t)
+    torch.testing.assert_close(out[0][0], ref.detach(), rtol=1e-6, atol=1e-6)
+    for a, b in zip(out[0], out[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_objectives_dispatch_the_head_and_can_be_told_not_to(monkeypatch):
+    """mean_loss goes through the dispatching head_loss; objective.head_dispatch=False keeps the
+    fused path at any shape (bench/step.py's 'before')."""
+    import lmtk.models.fused_ce as fused_ce
+
+    seen = []
+    real = fused_ce.linear_cross_entropy
+    monkeypatch.setattr("lmtk.models.transformer.linear_cross_entropy", lambda *a, **k: seen.append(k["dispatch"]) or real(*a, **k))
+    obj = build_objective(SimpleNamespace(name="clm", fused_head=True), TOK)
+    m = _model().train()
+    batch = torch.randint(N_SPECIAL, V, (2, 16))
+    obj.loss(m, batch, None)[0].backward()
+    obj.head_dispatch = False
+    obj.loss(m, batch, None)[0].backward()
+    assert seen == [True, False]

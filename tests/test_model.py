@@ -202,3 +202,100 @@ def test_old_model_json_with_a_mixer_name_loads_and_layer_patterns_build():
     b = LanguageModel(ModelConfig.from_dict(dict(old.to_dict(), layers=["attention", "attention"])))
     ids = torch.randint(0, 64, (1, 9))
     assert torch.equal(a(ids), b(ids))
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rope_beyond_max_seq_len_in_each_layout(layout):
+    model = tiny(positions="rope", max_seq_len=16, rope_layout=layout).eval()
+    idx = torch.randint(5, V, (2, 24))
+    with torch.no_grad():
+        short, long = model(idx[:, :16]), model(idx)
+    torch.testing.assert_close(long[:, :16], short)
+
+
+def _interleaved_rope_reference(x, cos, sin):
+    """RoFormer's rotation as lmtk wrote it before issue 16: pairs (2i, 2i+1)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def test_interleaved_layout_is_the_old_rotation():
+    """A model.json written before model.rope_layout (no key) means the interleaved layout, and
+    that layout still computes the old rotation: old checkpoints give their old logits."""
+    old = tiny(positions="rope").cfg.to_dict()
+    del old["rope_layout"]
+    assert ModelConfig.from_dict(old).rope_layout == "interleaved"
+    rot = build_model(ModelConfig.from_dict(old)).blocks[0].mixer.rotary
+    x = torch.randn(2, 2, 8, 16)
+    cos, sin = rot.cos_sin(8, x.dtype)
+    torch.testing.assert_close(rot(x, cos, sin), _interleaved_rope_reference(x, cos, sin), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_half_rope_layout_is_the_interleaved_one_up_to_a_permutation(bias):
+    """The half layout with q/k projection rows permuted per head (convert_rope_layout) is the
+    same function as the interleaved layout: logits and every gradient (permuted back) agree to
+    float rounding; converting back is exact."""
+    from lmtk.models.layers import convert_rope_layout
+
+    old = tiny(positions="rope", norm="rmsnorm", mlp="swiglu", bias=bias, rope_layout="interleaved").train()
+    new = tiny(positions="rope", norm="rmsnorm", mlp="swiglu", bias=bias, rope_layout="half").train()
+    assert new.blocks[0].mixer.half and not old.blocks[0].mixer.half
+    new.load_state_dict(convert_rope_layout(old.state_dict(), old.cfg))
+    assert not torch.equal(new.blocks[0].mixer.qkv.weight, old.blocks[0].mixer.qkv.weight)
+    idx = torch.randint(5, V, (B, T))
+    for m in (old, new):
+        torch.nn.functional.cross_entropy(m(idx).reshape(-1, V), idx.roll(-1, 1).reshape(-1)).backward()
+    torch.testing.assert_close(new(idx), old(idx), rtol=1e-5, atol=1e-5)
+    grads_old = convert_rope_layout({k: p.grad for k, p in old.named_parameters()}, old.cfg)
+    for k, p in new.named_parameters():
+        torch.testing.assert_close(p.grad, grads_old[k], rtol=1e-4, atol=1e-6, msg=k)
+    back = convert_rope_layout(new.state_dict(), new.cfg, to="interleaved")
+    for k, v in old.state_dict().items():
+        assert torch.equal(back[k], v), k
+
+
+def test_recipes_use_the_half_rope_layout():
+    from lmtk.config import compose
+
+    assert compose("default", []).model.rope_layout == "half"
+    assert build_model(model_config(compose("default", []).model, 1000)).blocks[0].mixer.half
+    with pytest.raises(UserError, match="rope_layout"):
+        compose("default", ["model.rope_layout=diagonal"])
+    with pytest.raises(ValueError, match="rope_layout"):
+        ModelConfig(vocab_size=V, rope_layout="diagonal")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rms_norm_equals_the_reference(dtype):
+    """lmtk's RMSNorm (a hand-written backward on CPU) equals x * rsqrt(mean(x^2) + eps) * w and
+    F.rms_norm to float rounding: output, input and weight gradients."""
+    from lmtk.models.layers import RMSNorm, _RMSNormFn
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(4, 8, 48, dtype=dtype)).requires_grad_()
+    g = torch.randn(4, 8, 48, dtype=dtype)
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.mul_(1 + 0.3 * torch.randn(48, dtype=dtype))
+    calls = []
+    orig = _RMSNormFn.forward
+    _RMSNormFn.forward = staticmethod(lambda *a: calls.append(1) or orig(*a))
+    try:
+        y = norm(x)
+    finally:
+        _RMSNormFn.forward = staticmethod(orig)
+    assert calls, "the CPU path did not take the hand-written backward"
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), g)
+    w = norm.weight.detach().double().requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    rx, rw = torch.autograd.grad(ref, (xd, w), g.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    torch.testing.assert_close(gx.double(), rx, **tol)
+    torch.testing.assert_close(gw.double(), rw, **{k: v * 10 for k, v in tol.items()})
+    xf = x.detach().requires_grad_()
+    yf = torch.nn.functional.rms_norm(xf, (48,), norm.weight, 1e-6)
+    torch.testing.assert_close(y, yf)
+    torch.testing.assert_close(gx, torch.autograd.grad(yf, xf, g)[0])

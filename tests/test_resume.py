@@ -190,3 +190,48 @@ def test_resume_at_a_step_between_log_lines(lmtk_env):
     steps_s = [m["step"] for m in helpers.metrics(runs / "S") if "loss" in m]
     steps_t = [m["step"] for m in helpers.metrics(runs / "T") if "loss" in m]
     assert steps_s == [3, 6, 8] and steps_t == steps_s
+
+
+def _as_before_rope_layout(run) -> None:
+    """Rewrite a run as lmtk wrote it before model.rope_layout existed: no such key anywhere."""
+    import hashlib
+
+    for f in [run / "model.json", *(run / "checkpoints").glob("*/meta.json")]:
+        d = json.loads(f.read_text())
+        model = d.get("model", d)
+        assert model.pop("rope_layout") == "interleaved"
+        f.write_text(json.dumps(d))
+    for f in [run / "config.yaml", *(run / "checkpoints").glob("*/config.yaml")]:
+        text = f.read_text()
+        assert "rope_layout: interleaved\n" in text
+        f.write_text(text.replace("  rope_layout: interleaved\n", ""))
+        meta = f.parent / "meta.json"
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            m["checksums"]["config.yaml"] = hashlib.sha256(f.read_bytes()).hexdigest()
+            meta.write_text(json.dumps(m))
+
+
+def test_a_run_from_before_rope_layout_resumes_and_loads_in_its_layout(lmtk_env):
+    """Checkpoints without model.rope_layout hold interleaved-layout weights: resuming one (the
+    recipes now say half) continues in that layout and ends bit-identical to a straight run;
+    load_pretrained rebuilds it in that layout too (same logits as the run's own model)."""
+    from lmtk.checkpoint import load_pretrained
+
+    runs = lmtk_env.runs
+    old = ["model.positions=rope", "model.rope_layout=interleaved"]
+    helpers.train(*COMMON, *old, "run.name=A")
+    helpers.train(*COMMON, *old, "run.name=B", f"checkpoint.every={N}")
+    _as_before_rope_layout(runs / "B")
+    _simulate_crash(runs / "B", crashed_after=N)
+    with pytest.warns(UserWarning, match="stale lock"):
+        helpers.train(*COMMON, "model.positions=rope", "run.name=B", f"checkpoint.every={N}", "resume=auto")
+    _assert_same_weights(runs / "A", runs / "B")
+    assert _losses(runs / "B") == _losses(runs / "A")
+    model, _, meta = load_pretrained(runs / "B" / "checkpoints" / f"step-{N:06d}")
+    assert "rope_layout" not in meta["model"] and model.cfg.rope_layout == "interleaved"
+    ref, _, _ = load_pretrained(runs / "A")
+    model, _, _ = load_pretrained(runs / "B")
+    idx = torch.randint(5, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(idx), ref(idx))

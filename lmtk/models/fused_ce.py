@@ -29,6 +29,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Below this many rows x vocabulary entries the plain head (F.linear + F.cross_entropy) is faster
+# than the fused one, whose chunk loop and custom backward are fixed costs; memory there is a few
+# MB either way. Measured on a 2-core CPU, fwd+bwd of the head alone (bench/step.py --micro),
+# fused/plain: 127x1024 1.08-1.11, 254x512 1.14-1.16, 1016x256 0.88-1.01, 508x1024 0.84-0.94,
+# 1016x1024 0.82-0.96, 1016x4096 0.78-0.83 (bench/RESULTS.md, issue 16). Not yet measured on a GPU.
+PLAIN_BELOW = 200_000
 DEFAULT_CHUNK = 1024  # rows per chunk (objective.head_chunk's default); chosen by measurement (bench/RESULTS.md, "vs Hugging Face")
 
 
@@ -154,15 +160,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return out_h, out_w, out_b, None, None, None
 
 
+def fused_pays(rows: int, vocab: int) -> bool:
+    """Whether the fused head is worth it for `rows` predictions over `vocab` entries: at
+    rows x vocab >= PLAIN_BELOW (measured; below it the plain head is as fast or faster)."""
+    return rows * vocab >= PLAIN_BELOW
+
+
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
-                         ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
+                         ignore_index: int = -100, chunk: int | None = None, dispatch: bool = True) -> torch.Tensor:
     """Mean cross-entropy of `h @ weight.T + bias` against `targets` over the positions whose target
     is not `ignore_index` (nan if there are none, as F.cross_entropy). `h` is [..., d], `targets`
-    the matching [...]; `chunk` rows at a time (default DEFAULT_CHUNK). Without gradients this
-    falls back to the plain computation."""
+    the matching [...]; `chunk` rows at a time (default DEFAULT_CHUNK). Without gradients, or
+    (dispatch=True) where the fused path does not pay (fused_pays), this is the plain computation."""
     h2 = h.reshape(-1, h.shape[-1])
     t = targets.reshape(-1)
-    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+    grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not grads or (dispatch and not fused_pays(h2.shape[0], weight.shape[0])):
         logits = F.linear(h2, weight, bias)
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), t, ignore_index=ignore_index)
     return _LinearCrossEntropy.apply(h2, weight, bias, t, ignore_index, chunk or DEFAULT_CHUNK)

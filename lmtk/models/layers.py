@@ -9,6 +9,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """y = x * rsqrt(mean(x^2) + eps) * w with a hand-written backward: on CPU F.rms_norm is a
+    composite of ~6 ops whose autograd graph costs ~2x a LayerNorm (bench/RESULTS.md, issue 16);
+    this is 2 reductions (vecdot) and 4 element-wise passes in all, equal to F.rms_norm to float
+    rounding (tests/test_model.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        d = x.shape[-1]
+        r = torch.rsqrt(torch.linalg.vecdot(x, x).unsqueeze(-1).div_(d).add_(eps))
+        xn = x * r
+        ctx.save_for_backward(xn, r, weight)
+        return xn * weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        xn, r, weight = ctx.saved_tensors
+        d = xn.shape[-1]
+        grad_w = (grad * xn).reshape(-1, d).sum(0) if ctx.needs_input_grad[1] else None
+        gx = grad * weight
+        # dx = r * (g*w - xn * mean(g*w*xn))
+        m = torch.linalg.vecdot(gx, xn).unsqueeze(-1).div_(-d)
+        return gx.addcmul_(xn, m).mul_(r), grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension. CPU eager: _RMSNormFn (2x faster than F.rms_norm at the
+    default recipe's shape); CUDA and torch.compile: F.rms_norm (a fused kernel / fused by inductor)."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == weight.dtype:
+        return _RMSNormFn.apply(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
@@ -16,7 +50,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 NORM_EPS = {"layernorm": 1e-5, "rmsnorm": 1e-6}  # each norm's usual epsilon (model.norm_eps: null)
@@ -65,14 +99,51 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
     return table
 
 
+class _RotateHalf(torch.autograd.Function):
+    """The half-split rotation [a, b] -> [a cos - b sin, b cos + a sin] (a, b: the two halves of the
+    last dimension); its backward is the inverse rotation (sin -> -sin), so nothing but the tables
+    is saved and no strided slices or re-stacking are involved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+def _rotate(x, cos, sin, sign: float):
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    oa, ob = out[..., :h], out[..., h:]
+    torch.mul(a, cos, out=oa)
+    oa.addcmul_(b, sin, value=-sign)
+    torch.mul(b, cos, out=ob)
+    ob.addcmul_(a, sin, value=sign)
+    return out
+
+
+ROPE_LAYOUTS = ("half", "interleaved")
+
+
 class Rotary(nn.Module):
-    """Rotary position embedding (RoFormer), applied to q and k of shape [B, H, T, Dh].
+    """Rotary position embedding (RoFormer). Channel pairs (i, i + Dh/2) rotate together in the
+    "half" layout (GPT-NeoX / Llama's rotate_half), pairs (2i, 2i+1) in the "interleaved" one
+    (RoFormer's, lmtk's before issue 16: strided slices and a re-stack, ~2x the cost on CPU).
+    The two are the same model up to a permutation of each head's q and k channels
+    (rope_permutation), which a linear q/k projection absorbs (convert_rope_layout).
 
     The cos/sin tables are buffers built once for max_len positions: no state changes inside
     forward, so torch.compile sees a static graph (a lazily filled cache forced a recompile)."""
 
-    def __init__(self, head_dim: int, base: float, max_len: int):
+    def __init__(self, head_dim: int, base: float, max_len: int, layout: str = "interleaved"):
         super().__init__()
+        self.layout = layout
         inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv, persistent=False)
         cos, sin = self._table(max_len)
@@ -91,5 +162,37 @@ class Rotary(nn.Module):
         return cos[offset:end].to(dtype), sin[offset:end].to(dtype)
 
     def forward(self, x, cos, sin):
+        """Interleaved layout: x [B, H, T, Dh], cos/sin [T, Dh/2]."""
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+    def rotate_qk(self, qk, cos, sin):
+        """Half layout, q and k at once: qk [B, T, 2, H, Dh] (a view of the qkv projection),
+        cos/sin [T, Dh/2]."""
+        return _RotateHalf.apply(qk, cos[:, None, None, :], sin[:, None, None, :])
+
+
+def rope_permutation(head_dim: int) -> torch.Tensor:
+    """Channel j of a head in the half layout is channel perm[j] of the interleaved one."""
+    return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+
+
+def convert_rope_layout(state_dict: dict, cfg, to: str = "half") -> dict:
+    """A copy of a model's state dict with every attention's q and k projection rows permuted
+    per head from cfg.rope_layout to `to` (the model's outputs are unchanged: q.k is invariant
+    under one permutation of both). Weights of other layers are shared, not copied."""
+    if cfg.positions != "rope" or cfg.rope_layout == to:
+        return dict(state_dict)
+    hd, d = cfg.d_model // cfg.n_heads, cfg.d_model
+    n_kv = getattr(cfg, "n_kv_heads", None) or cfg.n_heads
+    perm = rope_permutation(hd)
+    if to == "interleaved":
+        perm = torch.argsort(perm)
+    q_rows = (torch.arange(cfg.n_heads)[:, None] * hd + perm).reshape(-1)
+    k_rows = d + (torch.arange(n_kv)[:, None] * hd + perm).reshape(-1)  # grouped-query: n_kv heads of keys
+    index = torch.cat((q_rows, k_rows, torch.arange(d + n_kv * hd, d + 2 * n_kv * hd)))
+    out = dict(state_dict)
+    for k, v in state_dict.items():
+        if k.endswith("mixer.qkv.weight") or k.endswith("mixer.qkv.bias"):
+            out[k] = v[index]
+    return out

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from lmtk.models.fused_ce import linear_cross_entropy
-from lmtk.models.layers import MLP, default_d_ff, make_norm, sinusoidal_table
+from lmtk.models.layers import MLP, ROPE_LAYOUTS, default_d_ff, make_norm, sinusoidal_table
 from lmtk.models.mixers import build_mixer
 
 
@@ -31,6 +31,9 @@ class ModelConfig:
     max_seq_len: int = 1024
     positions: str = "learned"
     rope_base: float = 10000.0
+    # "half" (rotate_half, the fast one; what conf/model sets) | "interleaved": the layout of runs
+    # written before issue 16, whose model.json has no rope_layout, hence this default
+    rope_layout: str = "interleaved"
     norm: str = "layernorm"
     norm_position: str = "pre"
     norm_eps: Optional[float] = None  # None: the norm's usual (layers.NORM_EPS); model.json written before it has none
@@ -48,6 +51,8 @@ class ModelConfig:
 
         if self.d_ff is None:
             self.d_ff = default_d_ff(self.d_model, self.mlp)
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout={self.rope_layout!r}: one of {', '.join(ROPE_LAYOUTS)}")
         # model.json written before mixers had knobs says "mixer": "attention"
         self.mixer = mixer_config({"name": self.mixer} if isinstance(self.mixer, str) else dict(self.mixer))
         if self.layers is not None and not isinstance(self.layers, str):
@@ -182,12 +187,14 @@ class LanguageModel(nn.Module):
         return self.head(h)
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                  chunk: Optional[int] = None) -> torch.Tensor:
+                  chunk: Optional[int] = None, dispatch: bool = True) -> torch.Tensor:
         """Mean cross-entropy of logits(h) against `targets` (positions whose target is
         `ignore_index` excluded), computed in chunks of `chunk` rows (objective.head_chunk;
         None: fused_ce.DEFAULT_CHUNK) so that neither the [N, vocab] logits nor their gradient
-        is ever materialised (models/fused_ce.py)."""
-        return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index, chunk=chunk)
+        is ever materialised (models/fused_ce.py); dispatch: the plain head where rows x vocab is too
+        small for that to pay (fused_ce.fused_pays)."""
+        return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index,
+                                    chunk=chunk, dispatch=dispatch)
 
     def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True, cache=None) -> torch.Tensor:
         h = self.hidden(idx, causal, cache)

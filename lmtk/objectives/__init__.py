@@ -37,6 +37,7 @@ class Objective(abc.ABC):
         # objective.fused_head=false; validation always runs the plain head (it needs per-target nll)
         self.fused_head = bool(getattr(cfg, "fused_head", True))
         self.head_chunk = getattr(cfg, "head_chunk", None)  # rows per chunk of the fused head (None: its default)
+        self.head_dispatch = True  # the plain head where the fused one does not pay (fused_ce.fused_pays)
 
     @abc.abstractmethod
     def predict(self, model, batch: torch.Tensor, gen: torch.Generator):
@@ -66,7 +67,7 @@ class Objective(abc.ABC):
         nll(), without materialising the logits when gradients are wanted (model.head_loss)."""
         targets = batch.gather(1, pos)
         if self.fused_head and torch.is_grad_enabled():
-            return model.head_loss(h, targets, chunk=self.head_chunk)
+            return model.head_loss(h, targets, chunk=self.head_chunk, dispatch=self.head_dispatch)
         return _nll(model.logits(h), targets).mean()
 
 

@@ -25,7 +25,7 @@ import torch
 from lmtk.device import autocast, peak_tflops
 from lmtk.errors import UserError
 from lmtk.train.budget import Budget, TrainState, micro_steps
-from lmtk.train.optim import build_optimizer
+from lmtk.train.optim import build_optimizer, step_unless
 from lmtk.train.schedule import lr_factor
 
 
@@ -309,8 +309,8 @@ def _agree(dist, step_loss: torch.Tensor, requested: int, clock: _Clock) -> int:
 
 
 def _optimizer_step(job: Job, opt, step_loss: torch.Tensor, gnorm: torch.Tensor) -> torch.Tensor:
-    """Apply the step unless the loss or gradient is non-finite; decided on the device (fused
-    AdamW reads found_inf; the GradScaler does the same for fp16). Returns whether the step
+    """Apply the step unless the loss or gradient is non-finite; decided on the device on a GPU
+    (fused AdamW reads found_inf; the GradScaler does the same for fp16), on the host on a CPU. Returns whether the step
     counts against guard.max_bad_steps: under fp16 only a non-finite loss does, since
     gradient overflows are how the GradScaler calibrates its scale."""
     bad = ~torch.isfinite(step_loss + gnorm)
@@ -319,9 +319,7 @@ def _optimizer_step(job: Job, opt, step_loss: torch.Tensor, gnorm: torch.Tensor)
         job.scaler.update()
         bad = ~torch.isfinite(step_loss)
     else:
-        opt.found_inf = bad.float()
-        opt.step()
-        del opt.found_inf
+        step_unless(opt, bad)  # fused AdamW (GPU): found_inf on the device; foreach (CPU): on the host
     opt.zero_grad(set_to_none=True)
     return bad
 

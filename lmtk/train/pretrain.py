@@ -143,6 +143,8 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     tok, cache = prepare_data(cfg, root)
     if dist.main:
         dist.barrier()
+    if ckpt is not None:
+        resume.adopt_old_model_keys(ckpt, cfg)  # e.g. the rope layout of a run from before model.rope_layout
     mcfg = model_config(cfg.model, tok.vocab_size)
 
     OmegaConf.update(cfg, "run.name", name)

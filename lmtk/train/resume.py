@@ -69,6 +69,26 @@ def config_changes(saved_yaml: str | None, cfg) -> dict:
     }
 
 
+def _with_old_defaults(saved: dict) -> dict:
+    """A checkpoint's model config with the keys added to ModelConfig since it was written set to
+    their defaults, which are what such a checkpoint means (norm_eps None, rope_layout interleaved)."""
+    from dataclasses import MISSING, fields
+
+    from lmtk.models import ModelConfig
+
+    old = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING and f.name not in saved}
+    return {**old, **saved} if saved else saved
+
+
+def adopt_old_model_keys(ckpt: Path, cfg) -> None:
+    """A checkpoint written before a model key existed was trained with that key's old meaning:
+    its run (resumed, or a new run started from it) takes it. model.rope_layout: the recipes now
+    say `half`, checkpoints without the key hold interleaved-layout weights."""
+    saved = checkpoint.read_meta(ckpt).get("model", {})
+    if cfg.model.get("positions") == "rope" and "rope_layout" not in saved and saved.get("positions") == "rope":
+        OmegaConf.update(cfg, "model.rope_layout", "interleaved")
+
+
 def check(ckpt: Path, cfg, model_meta: dict, tok, data_meta: dict, same: bool) -> tuple[int, dict]:
     """Verify `ckpt` (checksums) and that it may continue under `cfg`. Returns (its step, the
     allowed config changes {key: (saved, now)}). A new run started from another run's
@@ -83,7 +103,8 @@ def check(ckpt: Path, cfg, model_meta: dict, tok, data_meta: dict, same: bool) -
             )
     from lmtk.models import ModelConfig
 
-    saved = ModelConfig.from_dict(meta.get("model", {})).to_dict() if meta.get("model") else {}
+    # keys added since the checkpoint was written take their old meaning; old spellings normalised
+    saved = ModelConfig.from_dict(_with_old_defaults(meta["model"])).to_dict() if meta.get("model") else {}
     diff = sorted(k for k in set(saved) | set(model_meta) if saved.get(k) != model_meta.get(k))
     if diff:
         show = ", ".join(f"{k}: {saved.get(k)} -> {model_meta.get(k)}" for k in diff[:4])
