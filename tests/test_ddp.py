@@ -248,8 +248,12 @@ def test_ctrl_c_under_launcher_nproc_checkpoints_once_and_exits_130(world):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Connection closed" not in err, err
-    after = err.split("stopping after this step")[1].strip().splitlines()
-    assert len(after) <= 3, err  # the acknowledgement, the last progress line, the result: nothing from rank 1 or torch
+    # after the acknowledgement: progress lines of the step(s) finishing (the ranks agree at the
+    # end of a step, so the one under way may be followed by one more) and the result; nothing
+    # from rank 1 or torch
+    after = err.split("stopping after this step")[1].strip().splitlines()[1:]
+    assert all(line.startswith(name) for line in after[:-1]) and len(after) <= 3, err
+    assert after[-1].startswith("SIGINT: stopped at step"), err
     assert err.count("stopped at step") == 1 and "continue with resume=auto" in err, err
     info = json.loads((runs / name / "run.json").read_text())
     assert info["status"] == "interrupted" and not (runs / name / ".lock").exists()
