@@ -78,6 +78,12 @@ class RecurrentMixer(nn.Module):
             return recurrent(q, k, v, g, state=S, scale=scale)
         return chunked(q, k, v, g, chunk=self.chunk, state=S, scale=scale)
 
+    def gated_out(self, y, x, S, conv_states, decode: bool):
+        """W_o (swish(x W_g) * y) (the gate when the mixer has one) and the decoding state."""
+        if self.gate is not None:
+            y = F.silu(self.gate(x)) * y
+        return self.drop(self.out(y)), ((S, *conv_states) if decode else None)
+
     @staticmethod
     def recurrence_flops(H: int, Dk: int, Dv: int) -> float:
         """Training FLOPs per token of the recurrence: the state update k v^T (2 Dk Dv: a multiply

@@ -101,9 +101,7 @@ class HGRN2(RecurrentMixer):
         o, S = self.recur(self.heads(q, H), self.heads(k, H), self.heads(i, H), self.heads(g, H), S, decode,
                           scale=self.dk ** -0.5)
         y = self.merge(self.norm(o.float()))  # in fp32 (o comes back in q's dtype: bf16 under autocast)
-        if self.gate is not None:
-            y = F.silu(self.gate(x)) * y
-        return self.drop(self.out(y)), ((S, *conv_states) if decode else None)
+        return self.gated_out(y, x, S, conv_states, decode)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""

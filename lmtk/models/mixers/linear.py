@@ -170,9 +170,7 @@ class LinearAttention(RecurrentMixer):
         if self.norm is not None:
             o = self.norm(o.float())  # in fp32 (o is bf16 under autocast)
         y = self.merge(o)
-        if self.gate is not None:
-            y = F.silu(self.gate(x)) * y
-        return self.drop(self.out(y)), ((S, *conv_states) if decode else None)
+        return self.gated_out(y, x, S, conv_states, decode)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops) on

@@ -22,7 +22,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmtk.models.layers import Rotary
 from lmtk.models.mixers.common import RecurrentMixer, ShortConv, check_knobs, split_heads
@@ -89,9 +88,7 @@ class RetNet(RecurrentMixer):
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         o, S = self.recur(q, k, v, self.log_decay, S, decode, scale=self.dk ** -0.5)
         y = self.group_norm(self.merge(o).float().reshape(B * T, -1)).view(B, T, -1)  # in fp32
-        if self.gate is not None:
-            y = F.silu(self.gate(x)) * y
-        return self.drop(self.out(y)), ((S, *conv_states) if decode else None)
+        return self.gated_out(y, x, S, conv_states, decode)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""
