@@ -181,7 +181,9 @@ class LanguageModel(nn.Module):
     def causal_only(self) -> bool:
         """Whether some layer's mixer cannot read bidirectionally (recurrent mixers): then the
         model has no masked (MLM) reading."""
-        return any(getattr(b.mixer, "causal_only", False) for b in self.blocks)
+        from lmtk.models.mixers import causal_only
+
+        return causal_only(self.cfg)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)

@@ -202,18 +202,13 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
     val_objectives = objective.val_objectives(cfg.val.mask_rate)
-    if model.causal_only:  # a recurrent mixer has no masked reading: validate the causal one only
-        val_objectives.pop("mlm", None)
-        if rundir is not None:
-            sinks_note = f"validation: causal reading only (model.mixer={mcfg.mixer['name']} reads left to right)"
-    else:
-        sinks_note = None
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
     n_params = model.num_params()
-    if sinks_note:
-        sinks.console.message(sinks_note)
+    if model.causal_only:  # a recurrent mixer has no masked reading: validate the causal one only
+        val_objectives.pop("mlm", None)
+        sinks.console.message(f"validation: causal reading only (model.mixer={mcfg.mixer['name']} reads left to right)")
     if rundir is not None:
         sinks.console.message(
             f"[bold]{cfg.run.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params | {objective.name} | "
