@@ -1,18 +1,30 @@
-"""Pieces the recurrent mixers share."""
+"""What every recurrent mixer (linear, retnet, gla, hgrn2, metala, mamba2, mlstm, gdn) shares: one
+base class, RecurrentMixer, for the causality check, the head split, the optional short causal
+convolution on the inputs (with its decoding state), the choice of the op's form, the optional
+output gate and the FLOPs of the recurrence; `check_knobs` / `split_heads` / `head_size` for the
+Config checks; and the two parametrisations more than one mixer uses (Mamba-2's decay, the gated
+per-head RMSNorm).
+
+Which form of the op runs (recurrence.py, delta.py): training and prefill use `chunked` (a prefill
+continues from the carried state); decoding a single token (decode=True, T == 1) uses `recurrent`,
+one O(Dk Dv) step per head. On CUDA the chunked form may be fla's kernel instead (kernels.py,
+model.mixer.kernel); the PyTorch op is the reference and the only path on the CPU."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmtk.models.mixers.recurrence import chunked, recurrent
+from lmtk.models.mixers import delta, kernels, recurrence
 
 
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time of width `size` (Zoology / Based / Mamba: a short
-    convolution on a mixer's inputs helps recall), with its decoding state: the last size-1
-    inputs. x [B, T, C] -> [B, T, C]."""
+    convolution on a mixer's inputs helps recall), optionally followed by a SiLU, with its decoding
+    state: the last size-1 inputs. x [B, T, C] -> [B, T, C]."""
 
     def __init__(self, channels: int, size: int, activation: bool = True):
         super().__init__()
@@ -28,20 +40,30 @@ class ShortConv(nn.Module):
         B, T, C = x.shape
         past = state if state is not None else x.new_zeros(B, self.size - 1, C)
         full = torch.cat([past, x], dim=1)  # [B, size-1+T, C]
-        y = F.conv1d(full.transpose(1, 2), self.weight, self.bias, groups=C).transpose(1, 2)
+        # contiguous [B, C, T]: oneDNN's depthwise conv backward on a strided view is ~20x slower
+        y = F.conv1d(full.transpose(1, 2).contiguous(), self.weight, self.bias, groups=C).transpose(1, 2)
         if self.activation:
             y = F.silu(y)
         return y, (full[:, full.shape[1] - (self.size - 1):] if decode else None)
 
 
 class RecurrentMixer(nn.Module):
-    """What the gated-linear-recurrence mixers (linear, retnet, gla, hgrn2) share: they read left
-    to right only, run the recurrence of recurrence.py on head-first q, k, v, g, and carry the
-    decoding state (S [B, H, Dk, Dv], then one ShortConv state per convolved input)."""
+    """Base of the recurrent mixers. They read left to right only, run an op of recurrence.py or
+    delta.py on head-first q, k, v (, beta), g, and carry a decoding state that starts with the op's
+    S [B, H, Dk, Dv] and ends with the short conv's state (None without a conv). A subclass sets
+    `chunk` and `kernel` (its knobs), `conv` (`short_conv(...)`: one conv over the concatenation of
+    its convolved inputs, or None) and `gate` (the output gate's projection, or None)."""
 
     causal_only = True  # a recurrence reads left to right: no masked (bidirectional) reading
 
     chunk: int  # chunk length of the chunked form (model.mixer.chunk)
+    kernel: str = "auto"  # model.mixer.kernel: auto | torch | fla (kernels.py)
+    # set by every subclass (no class-level defaults: nn.Module keeps submodules in _modules, and a
+    # class attribute would shadow them)
+    conv: ShortConv | None
+    gate: nn.Module | None
+    # mamba2, mlstm, gdn, metala: the SiLU after the conv stays when model.mixer.conv=0
+    silu_without_conv = False
 
     def check_causal(self, causal: bool) -> None:
         if not causal:
@@ -60,52 +82,80 @@ class RecurrentMixer(nn.Module):
         B, H, T, D = o.shape
         return o.transpose(1, 2).reshape(B, T, H * D)
 
-    @staticmethod
-    def convolve(convs: nn.ModuleList | None, xs: list, states, decode: bool) -> tuple[list, tuple]:
-        """Each input through its ShortConv (decoding: continuing from its state); no convs
-        (model.mixer.conv=0): the inputs unchanged and no states."""
-        if not convs:
-            return list(xs), ()
-        states = states or (None,) * len(xs)
-        outs = [conv(x, s, decode) for conv, x, s in zip(convs, xs, states)]
-        return [y for y, _ in outs], tuple(s for _, s in outs)
+    def convolve(self, xs: list, state, decode: bool) -> tuple[list, torch.Tensor | None]:
+        """The inputs xs [B, T, C_i] through the one short conv over their concatenation (decoding:
+        continuing from its state) -> (outputs, new conv state). Without a conv (model.mixer.conv=0)
+        the inputs unchanged (SiLU'd when `silu_without_conv`) and no state."""
+        if self.conv is None:
+            return ([F.silu(x) for x in xs] if self.silu_without_conv else list(xs)), None
+        y, state = self.conv(xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1), state, decode)
+        return list(y.split([x.shape[-1] for x in xs], dim=-1)), state
 
     def recur(self, q, k, v, g, S, decode: bool, scale: float = 1.0):
-        """(o, final state) of S_t = diag(exp g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T (scale q_t):
-        the step form for a decoding step of one token, the chunked form otherwise (training,
-        and a prefill continuing from the carried state S)."""
+        """(o, final state) of S_t = diag(exp g_t) S_{t-1} + k_t v_t^T, o_t = S_t^T (scale q_t)
+        (recurrence.py; q and k may be [B, 1, T, Dk], shared by every head): the step form for a
+        decoding step of one token, the chunked form otherwise (training, and a prefill continuing
+        from the carried state S), fla's chunk kernel there when kernels.py chooses it."""
         if decode and q.shape[2] == 1:
-            return recurrent(q, k, v, g, state=S, scale=scale)
-        return chunked(q, k, v, g, chunk=self.chunk, state=S, scale=scale)
+            return recurrence.recurrent(q, k, v, g, state=S, scale=scale)
+        if kernels.use_fla(self.kernel, q):
+            return kernels.fla_recurrence(q, k, v, g, state=S, scale=scale)
+        return recurrence.chunked(q, k, v, g, chunk=self.chunk, state=S, scale=scale)
 
-    def gated_out(self, y, x, S, conv_states, decode: bool):
-        """W_o (swish(x W_g) * y) (the gate when the mixer has one) and the decoding state."""
-        if self.gate is not None:
-            y = F.silu(self.gate(x)) * y
-        return self.drop(self.out(y)), ((S, *conv_states) if decode else None)
+    def recur_delta(self, q, k, v, beta, g, S, decode: bool, scale: float = 1.0):
+        """`recur` for the gated delta rule (delta.py): S_t = exp(g_t)(I - beta_t k_t k_t^T) S_{t-1}
+        + beta_t k_t v_t^T."""
+        if decode and q.shape[2] == 1:
+            return delta.recurrent(q, k, v, beta, g, state=S, scale=scale)
+        if kernels.use_fla(self.kernel, q):
+            return kernels.fla_delta(q, k, v, beta, g, state=S, scale=scale)
+        return delta.chunked(q, k, v, beta, g, chunk=self.chunk, state=S, scale=scale)
 
     @staticmethod
-    def recurrence_flops(H: int, Dk: int, Dv: int) -> float:
-        """Training FLOPs per token of the recurrence: the state update k v^T (2 Dk Dv: a multiply
-        and an add per entry) and the readout S^T q (2 Dk Dv) per head, x3 for forward + backward
-        (the backward does twice the forward's work): 12 H Dk Dv. The chunked form spends some
-        more on its intra-chunk scores (O(chunk (Dk + Dv)) per token, half of it masked); like
-        attention's masked half, that is not counted."""
-        return 12.0 * H * Dk * Dv
+    def gated(y: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """The output gate: swish(z) * y, with z the gate's pre-activation (None: no gate, y)."""
+        return y if z is None else F.silu(z) * y
+
+    def gated_out(self, y, x, S, conv_state, decode: bool):
+        """W_o (swish(x W_g) * y) (the gate when the mixer has one) and the decoding state (S, conv state)."""
+        y = self.gated(y, None if self.gate is None else self.gate(x))
+        return self.drop(self.out(y)), ((S, conv_state) if decode else None)
+
+    @staticmethod
+    def recurrence_flops(H: int, Dk: int, Dv: int, delta_rule: bool = False) -> float:
+        """Training FLOPs per token of the recurrence (fwd + bwd = 3 x fwd, as for attention's
+        12 H Dh T): per head the state update S += k v^T (2 Dk Dv: a multiply and an add per entry)
+        and the readout S^T q (2 Dk Dv), plus the delta rule's prediction S^T k (2 Dk Dv):
+        12 H Dk Dv, or 18 H Dk Dv for the delta rule. The decay's elementwise product and the
+        chunked form's intra-chunk terms (O(chunk (Dk + Dv)) per token, half of it masked) are not
+        counted: like attention's formula this is the recurrence's intrinsic work, not one kernel's."""
+        return 3.0 * (6 if delta_rule else 4) * H * Dk * Dv
 
 
-def check_knobs(mixer: str, chunk: int, conv: int, **choices) -> None:
-    """The knobs every recurrent mixer has (model.mixer.chunk >= 1, model.mixer.conv >= 0) and
-    `choices`: name=(value, allowed values). Raises a one-line UserError."""
+def short_conv(mixer: str, channels: int, size: int, activation: bool = True) -> ShortConv | None:
+    """The short causal conv of `size` taps over `channels` (SiLU after it when `activation`); None
+    for size 0 (no conv)."""
+    from lmtk.errors import UserError
+
+    if size < 0:
+        raise UserError(f"model.mixer.conv={size} for mixer {mixer}: the short convolution's size must be >= 0 (0: none)")
+    return ShortConv(channels, size, activation) if size > 0 else None
+
+
+def check_knobs(mixer: str, chunk: int, conv: int, kernel: str = "auto", **choices) -> None:
+    """The knobs every recurrent mixer has (model.mixer.chunk >= 1, model.mixer.conv >= 0,
+    model.mixer.kernel auto | torch | fla, fla only where it can run) and `choices`:
+    name=(value, allowed values). Raises a one-line UserError."""
     from lmtk.errors import UserError, suggest
 
     if chunk < 1:
         raise UserError(f"model.mixer.chunk={chunk} for mixer {mixer}: the chunk length must be >= 1 (e.g. 64)")
     if conv < 0:
         raise UserError(f"model.mixer.conv={conv} for mixer {mixer}: the short convolution's size must be >= 0 (0: none)")
-    for key, (value, allowed) in choices.items():
+    for key, (value, allowed) in {"kernel": (kernel, kernels.KERNELS), **choices}.items():
         if value not in allowed:
             raise UserError(f"model.mixer.{key}={value} is not one of: {', '.join(allowed)}{suggest(str(value), allowed)}")
+    kernels.check(kernel, mixer)
 
 
 def split_heads(mixer: str, width: int, n_heads: int, what: str) -> int:
@@ -116,3 +166,62 @@ def split_heads(mixer: str, width: int, n_heads: int, what: str) -> int:
         raise UserError(f"mixer {mixer}: {what} width {width} does not split into {n_heads} heads; "
                         "change model.mixer.n_heads (or the expansion knobs)")
     return width // n_heads
+
+
+def head_size(mixer: str, width: int, head_dim: int | None, n_heads: int, what: str) -> tuple[int, int]:
+    """(number of heads, head dim) of a `width`-channel stream: head_dim None splits it into
+    n_heads heads (split_heads); a width the head dim does not divide is a one-line error."""
+    from lmtk.errors import UserError
+
+    if head_dim is None:
+        return n_heads, split_heads(mixer, width, n_heads, what)
+    if head_dim <= 0 or width % head_dim:
+        raise UserError(f"mixer {mixer}: {what} width {width} is not a multiple of head_dim {head_dim} "
+                        "(set model.mixer.head_dim)")
+    return width // head_dim, head_dim
+
+
+class MambaDecay(nn.Module):
+    """Mamba-2's data-dependent scalar decay per head (Dao & Gu 2024), used by mamba2 and gdn:
+
+        dt_t = softplus(dt~_t + dt_bias)        g_t = -exp(A_log) * dt_t    (log-decay, <= 0)
+
+    i.e. the decay exp(g_t) = exp(-A dt_t) of the discretised A with step dt_t. Initial spectra
+    as in the paper: A ~ U[1, 16] (A_log = log A), dt ~ log-uniform on [1e-3, 1e-1] at dt~ = 0,
+    i.e. dt_bias = softplus^{-1}(dt)."""
+
+    def __init__(self, n_heads: int, a_range=(1.0, 16.0), dt_range=(1e-3, 1e-1)):
+        super().__init__()
+        self.a_range, self.dt_range = a_range, dt_range
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.dt_bias = nn.Parameter(torch.empty(n_heads))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(*self.a_range).log())
+        lo, hi = (math.log(x) for x in self.dt_range)
+        dt = torch.empty_like(self.dt_bias).uniform_(lo, hi).exp().clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^{-1}(dt)
+
+    def forward(self, dt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dt~ [..., H] -> (g [..., H] in fp32, dt [..., H] in fp32)."""
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        return -self.A_log.float().exp() * dt, dt
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over groups of `group` channels (per head: group = head dim) with a learned scale and
+    an optional SiLU gate z (the output gate; None: plain grouped RMSNorm): norm_before_gate (Gated
+    DeltaNet): rms(o) * w * silu(z); else (Mamba-2): rms(o * silu(z)) * w."""
+
+    def __init__(self, dim: int, group: int, norm_before_gate: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.group, self.norm_before_gate, self.eps = group, norm_before_gate, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, o: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.norm_before_gate:
+            o = RecurrentMixer.gated(o, z)
+        o = F.rms_norm(o.unflatten(-1, (-1, self.group)), (self.group,), eps=self.eps).flatten(-2) * self.weight
+        return RecurrentMixer.gated(o, z) if self.norm_before_gate else o

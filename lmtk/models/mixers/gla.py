@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtk.models.layers import RMSNorm
-from lmtk.models.mixers.common import RecurrentMixer, ShortConv, check_knobs, split_heads
+from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK
 
 # Per-step decay factors the gate starts at (x = 0), spread over each head's key channels.
@@ -43,9 +43,10 @@ class GLA(RecurrentMixer):
         output_gate: bool = True  # swish(x W_r) * RMSNorm(o)
         conv: int = 0  # short causal conv on q, k, v (size; 0: none, as the paper)
         chunk: int = CHUNK  # chunk length of the chunked (training) form
+        kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
 
         def __post_init__(self):
-            check_knobs("gla", self.chunk, self.conv)
+            check_knobs("gla", self.chunk, self.conv, self.kernel)
 
     def __init__(self, cfg, layer: int):
         super().__init__()
@@ -55,13 +56,13 @@ class GLA(RecurrentMixer):
         key_width, value_width = int(c.expand_k * d), int(c.expand_v * d)
         self.dk = split_heads("gla", key_width, H, "key")
         self.dv = split_heads("gla", value_width, H, "value")
-        self.chunk, self.tau = c.chunk, c.gate_temperature
+        self.chunk, self.kernel, self.tau = c.chunk, c.kernel, c.gate_temperature
         self.q = nn.Linear(d, key_width, bias=cfg.bias)
         self.k = nn.Linear(d, key_width, bias=cfg.bias)
         self.v = nn.Linear(d, value_width, bias=cfg.bias)
         self.gate_down = nn.Linear(d, c.gate_rank, bias=False)  # W_a1
         self.gate_up = nn.Linear(c.gate_rank, key_width, bias=True)  # W_a2, b_a
-        self.convs = nn.ModuleList(ShortConv(w, c.conv) for w in (key_width, key_width, value_width)) if c.conv else None
+        self.conv = short_conv("gla", 2 * key_width + value_width, c.conv)  # one depthwise conv over [q, k, v]
         self.norm = RMSNorm(self.dv)  # per head (one weight shared by the heads)
         self.gate = nn.Linear(d, value_width, bias=cfg.bias) if c.output_gate else None  # W_r
         self.out = nn.Linear(value_width, d, bias=cfg.bias)
@@ -79,14 +80,14 @@ class GLA(RecurrentMixer):
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
         self.check_causal(causal)
-        S, conv_states = (state[0], state[1:]) if state is not None else (None, None)
-        (q, k, v), conv_states = self.convolve(self.convs, [self.q(x), self.k(x), self.v(x)], conv_states, decode)
+        S, conv_state = state if state is not None else (None, None)
+        (q, k, v), conv_state = self.convolve([self.q(x), self.k(x), self.v(x)], conv_state, decode)
         g = F.logsigmoid(self.gate_up(self.gate_down(x))) / self.tau  # [B, T, H Dk], <= 0
         H = self.n_heads
         o, S = self.recur(self.heads(q, H), self.heads(k, H), self.heads(v, H), self.heads(g, H), S, decode,
                           scale=self.dk ** -0.5)
         y = self.merge(self.norm(o.float()))  # in fp32 (o comes back in q's dtype: bf16 under autocast)
-        return self.gated_out(y, x, S, conv_states, decode)
+        return self.gated_out(y, x, S, conv_state, decode)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""

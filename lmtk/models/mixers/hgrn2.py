@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtk.models.layers import RMSNorm
-from lmtk.models.mixers.common import RecurrentMixer, ShortConv, check_knobs, split_heads
+from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK
 
 
@@ -45,11 +45,12 @@ class HGRN2(RecurrentMixer):
         output_gate: bool = False  # swish(x W_r) * RMSNorm(o) (the paper has none: q is HGRN's output gate)
         conv: int = 0  # short causal conv on q, f, i (size; 0: none, as the paper; no activation)
         chunk: int = CHUNK  # chunk length of the chunked (training) form
+        kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
 
         def __post_init__(self):
             from lmtk.errors import UserError
 
-            check_knobs("hgrn2", self.chunk, self.conv)
+            check_knobs("hgrn2", self.chunk, self.conv, self.kernel)
             if self.expand_ratio < 1:
                 raise UserError(f"model.mixer.expand_ratio={self.expand_ratio} for mixer hgrn2: must be >= 1")
 
@@ -61,14 +62,13 @@ class HGRN2(RecurrentMixer):
         self.dk = c.expand_ratio
         self.dv = split_heads("hgrn2", d, H, "input")
         forget_width = H * self.dk
-        self.chunk = c.chunk
+        self.chunk, self.kernel = c.chunk, c.kernel
         self.layer, self.n_layers = layer, cfg.n_layers
         self.q = nn.Linear(d, forget_width, bias=cfg.bias)
         self.f = nn.Linear(d, forget_width, bias=cfg.bias)
         self.i = nn.Linear(d, d, bias=cfg.bias)
         # no activation: a swish before the forget gate would bound f away from 0
-        self.convs = (nn.ModuleList(ShortConv(w, c.conv, activation=False) for w in (forget_width, forget_width, d))
-                      if c.conv else None)
+        self.conv = short_conv("hgrn2", 2 * forget_width + d, c.conv, activation=False)  # over [q, f, i]
         # gamma: the forget gate's lower bound beta = sigmoid(gamma); none in the first layer
         self.lower_bound = nn.Parameter(torch.zeros(forget_width)) if layer > 0 else None
         self.norm = RMSNorm(self.dv)
@@ -92,8 +92,8 @@ class HGRN2(RecurrentMixer):
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
         self.check_causal(causal)
-        S, conv_states = (state[0], state[1:]) if state is not None else (None, None)
-        (q, f, i), conv_states = self.convolve(self.convs, [self.q(x), self.f(x), self.i(x)], conv_states, decode)
+        S, conv_state = state if state is not None else (None, None)
+        (q, f, i), conv_state = self.convolve([self.q(x), self.f(x), self.i(x)], conv_state, decode)
         g = self.log_forget(f)  # log f_t
         k = -torch.expm1(g)  # 1 - f_t
         q = F.silu(q)
@@ -101,7 +101,7 @@ class HGRN2(RecurrentMixer):
         o, S = self.recur(self.heads(q, H), self.heads(k, H), self.heads(i, H), self.heads(g, H), S, decode,
                           scale=self.dk ** -0.5)
         y = self.merge(self.norm(o.float()))  # in fp32 (o comes back in q's dtype: bf16 under autocast)
-        return self.gated_out(y, x, S, conv_states, decode)
+        return self.gated_out(y, x, S, conv_state, decode)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtk.models.layers import RMSNorm
-from lmtk.models.mixers.common import RecurrentMixer, ShortConv, check_knobs, split_heads
+from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK, compute_dtype
 
 FEATURE_MAPS = ("elu1", "relu", "taylor", "rebased", "hedgehog")
@@ -111,11 +111,12 @@ class LinearAttention(RecurrentMixer):
         n_heads: Optional[int] = None  # heads (None: model.n_heads); values d_model / H per head
         conv: int = 0  # short causal conv on q, k, v (size; 0: none. Based puts convs in other layers)
         chunk: int = CHUNK  # chunk length of the chunked (training) form
+        kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
 
         def __post_init__(self):
             from lmtk.errors import UserError
 
-            check_knobs("linear", self.chunk, self.conv, feature_map=(self.feature_map, FEATURE_MAPS))
+            check_knobs("linear", self.chunk, self.conv, self.kernel, feature_map=(self.feature_map, FEATURE_MAPS))
             if self.feature_dim < 1:
                 raise UserError(f"model.mixer.feature_dim={self.feature_dim} for mixer linear: must be >= 1")
 
@@ -126,12 +127,12 @@ class LinearAttention(RecurrentMixer):
         self.n_heads = H = c.n_heads or cfg.n_heads
         self.dv = split_heads("linear", d, H, "value")
         self.dk = c.feature_dim if c.feature_map in ("taylor", "rebased") else self.dv  # q, k size per head
-        self.kind, self.chunk = c.feature_map, c.chunk
+        self.kind, self.chunk, self.kernel = c.feature_map, c.chunk, c.kernel
         self.normalize, self.eps = c.normalize, c.eps
         self.q = nn.Linear(d, H * self.dk, bias=cfg.bias)
         self.k = nn.Linear(d, H * self.dk, bias=cfg.bias)
         self.v = nn.Linear(d, d, bias=cfg.bias)
-        self.convs = nn.ModuleList(ShortConv(w, c.conv) for w in (H * self.dk, H * self.dk, d)) if c.conv else None
+        self.conv = short_conv("linear", 2 * H * self.dk + d, c.conv)  # one depthwise conv over [q, k, v]
         self.phi_q, self.n_features = feature_map(c.feature_map, H, self.dk, c.feature_dim)
         # Hedgehog learns separate maps for q and k; ReBased's affine is shared by q and k
         self.phi_k = feature_map(c.feature_map, H, self.dk, c.feature_dim)[0] if c.feature_map == "hedgehog" else self.phi_q
@@ -157,8 +158,8 @@ class LinearAttention(RecurrentMixer):
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
         self.check_causal(causal)
-        S, conv_states = (state[0], state[1:]) if state is not None else (None, None)
-        (q, k, v), conv_states = self.convolve(self.convs, [self.q(x), self.k(x), self.v(x)], conv_states, decode)
+        S, conv_state = state if state is not None else (None, None)
+        (q, k, v), conv_state = self.convolve([self.q(x), self.k(x), self.v(x)], conv_state, decode)
         H = self.n_heads
         q, k, v = self.phi(self.heads(q, H), self.phi_q), self.phi(self.heads(k, H), self.phi_k), self.heads(v, H)
         if self.normalize:
@@ -170,7 +171,7 @@ class LinearAttention(RecurrentMixer):
         if self.norm is not None:
             o = self.norm(o.float())  # in fp32 (o is bf16 under autocast)
         y = self.merge(o)
-        return self.gated_out(y, x, S, conv_states, decode)
+        return self.gated_out(y, x, S, conv_state, decode)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops) on

@@ -7,10 +7,11 @@ gated linear recurrence (recurrence.py).
     h_t = a_t h_{t-1} + B_t (dt_t x_t)^T                 per head: h [N, P], x_t's head slice [P]
     y_t = h_t^T C_t + D x_t
     out = out_proj(RMSNorm(y * silu(z)))                 the gated norm, over all E channels
+                                                        (output_gate: false drops z: RMSNorm(y))
 
 As the op: q = C, k = B (one group: shared by every head), v = dt * x, g = -exp(A_log) dt
 (a scalar per head and step, [B, H, T]); no q scaling. Heads: H = E / head_dim. A's and dt's
-initial spectra are the paper's (gating.MambaDecay: A ~ U[1, 16], dt log-uniform in
+initial spectra are the paper's (common.MambaDecay: A ~ U[1, 16], dt log-uniform in
 [1e-3, 1e-1]); D starts at 1. Decoding state: (h [B, H, N, P], conv state)."""
 
 from __future__ import annotations
@@ -21,31 +22,39 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from lmtk.models.mixers.gating import (
-    GatedRMSNorm, MambaDecay, check_causal, conv, heads, make_conv, recurrence_flops, step_or_chunk,
-)
+from lmtk.models.mixers.common import GatedRMSNorm, MambaDecay, RecurrentMixer, check_knobs, head_size, short_conv
 
 
-class Mamba2(nn.Module):
-    causal_only = True  # a recurrence reads left to right only
+class Mamba2(RecurrentMixer):
+    silu_without_conv = True  # [x, B, C] = silu([x, B, C]) when model.mixer.conv=0
 
     @dataclass
     class Config:
         expand: int = 2  # inner width E = expand * d_model (x, z)
         head_dim: Optional[int] = None  # P, channels per head; null: E / model.n_heads
         d_state: int = 64  # N, the state size (B, C)
+        output_gate: bool = True  # the norm's gate silu(z) (z from in_proj; the paper's)
         conv: int = 4  # short causal conv size on x, B, C (0: none)
         chunk: int = 64  # chunk length of the chunked (training / prefill) form
+        kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
+
+        def __post_init__(self):
+            from lmtk.errors import UserError
+
+            check_knobs("mamba2", self.chunk, self.conv, self.kernel)
+            if self.expand < 1 or self.d_state < 1:
+                raise UserError(f"model.mixer.expand={self.expand}, d_state={self.d_state} for mixer mamba2: both must be >= 1")
 
     def __init__(self, cfg, layer: int):
         super().__init__()
-        m = cfg.mixer
-        self.d_inner = E = m["expand"] * cfg.d_model
-        self.n_heads, self.head_dim = heads(E, m["head_dim"], cfg.n_heads, "mamba2's inner width expand * d_model")
-        self.d_state, self.chunk = m["d_state"], m["chunk"]
+        c = self.Config(**{k: v for k, v in cfg.mixer.items() if k != "name"})
+        self.d_inner = E = c.expand * cfg.d_model
+        self.n_heads, self.head_dim = head_size("mamba2", E, c.head_dim, cfg.n_heads, "inner (expand * d_model)")
+        self.d_state, self.chunk, self.kernel = c.d_state, c.chunk, c.kernel
         H, N = self.n_heads, self.d_state
-        self.in_proj = nn.Linear(cfg.d_model, 2 * E + 2 * N + H, bias=cfg.bias)
-        self.conv = make_conv(E + 2 * N, m["conv"])
+        self.z_width = E if c.output_gate else 0
+        self.in_proj = nn.Linear(cfg.d_model, self.z_width + E + 2 * N + H, bias=cfg.bias)  # [z, x, B, C, dt~]
+        self.conv = short_conv("mamba2", E + 2 * N, c.conv)
         self.decay = MambaDecay(H)
         self.D = nn.Parameter(torch.ones(H))
         self.norm = GatedRMSNorm(E, E, norm_before_gate=False)
@@ -58,23 +67,22 @@ class Mamba2(nn.Module):
         nn.init.ones_(self.D)
 
     def forward(self, u, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
-        check_causal(causal, "mamba2")
+        self.check_causal(causal)
         Bsz, T, _ = u.shape
         E, N, H, P = self.d_inner, self.d_state, self.n_heads, self.head_dim
         h0, conv0 = state if state is not None else (None, None)
-        z, xBC, dt = self.in_proj(u).split([E, E + 2 * N, H], dim=-1)
-        xBC, conv1 = conv(self.conv, xBC, conv0, decode)
-        x, Bm, Cm = xBC.split([E, N, N], dim=-1)
+        z, xBC, dt = self.in_proj(u).split([self.z_width, E + 2 * N, H], dim=-1)
+        (x, Bm, Cm), conv1 = self.convolve(list(xBC.split([E, N, N], dim=-1)), conv0, decode)
         g, dt = self.decay(dt)  # [B, T, H]
         xh = x.unflatten(-1, (H, P))  # [B, T, H, P]
         v = (xh * dt.unsqueeze(-1).to(x.dtype)).transpose(1, 2)  # [B, H, T, P]
         k = Bm.unsqueeze(1).expand(Bsz, H, T, N)  # one group: B and C shared by all heads
         q = Cm.unsqueeze(1).expand(Bsz, H, T, N)
-        y, h = step_or_chunk(q, k, v, g.transpose(1, 2), chunk=self.chunk, state=h0, decode=decode)
+        y, h = self.recur(q, k, v, g.transpose(1, 2), h0, decode)
         y = y.transpose(1, 2) + xh * self.D.to(x.dtype).unsqueeze(-1)  # D skip
-        y = self.norm(y.flatten(2), z)
+        y = self.norm(y.flatten(2), z if self.z_width else None)
         return self.drop(self.out_proj(y)), ((h, conv1) if decode else None)
 
     def flops_per_token(self, seq_len: int) -> float:
         """recurrence_flops with Dk = N, Dv = P: 12 H N P per token."""
-        return recurrence_flops(self.n_heads, self.d_state, self.head_dim)
+        return self.recurrence_flops(self.n_heads, self.d_state, self.head_dim)

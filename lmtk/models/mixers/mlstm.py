@@ -53,9 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmtk.errors import UserError
-from lmtk.models.mixers.gating import (
-    GatedRMSNorm, check_causal, conv, heads, make_conv, recurrence_flops, step_or_chunk,
-)
+from lmtk.models.mixers import recurrence
+from lmtk.models.mixers.common import GatedRMSNorm, RecurrentMixer, check_knobs, head_size, short_conv
 from lmtk.models.mixers.recurrence import CHUNK, compute_dtype
 
 EPS = 1e-6  # added to the normaliser (xLSTM's eps)
@@ -92,10 +91,11 @@ def stabiliser(logf: Tensor, logi: Tensor, m0: Tensor, chunk: int = CHUNK) -> tu
 
 
 def mlstm_cell(q: Tensor, k: Tensor, v: Tensor, logi: Tensor, logf: Tensor, *, chunk: int = CHUNK,
-               state=None, decode: bool = False, eps: float = EPS):
+               state=None, decode: bool = False, eps: float = EPS, recur=None):
     """The stabilised mLSTM cell through the op. q, k [B, H, T, Dk], v [B, H, T, Dv], logi = i~ and
     logf = log f [B, H, T], state None or (S [B, H, Dk, Dv + 1], m [B, H]) ->
-    (h [B, H, T, Dv], (S, m)). Chunked form, or the step form for one token when `decode`.
+    (h [B, H, T, Dv], (S, m)). Chunked form, or the step form for one token when `decode`; `recur`:
+    the op's form choice (RecurrentMixer.recur, which may take fla's kernel), None: recurrence.py's.
 
     Gradients: h is invariant to m, so m is a constant to autograd; log f'_t = log f_t + m_{t-1}
     - m_t and log i'_t = i~_t - m_t then have derivative 1 in log f_t and i~_t. The values come
@@ -112,7 +112,12 @@ def mlstm_cell(q: Tensor, k: Tensor, v: Tensor, logi: Tensor, logf: Tensor, *, c
     li = li - li.detach().clamp(min=0.0)
     k = k.to(cdt) * (li.exp() * Dk ** -0.5).unsqueeze(-1)  # i'_t k_t / sqrt(Dk), the paper's scaled key
     v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # [v, 1]: the normaliser's column
-    o, S = step_or_chunk(q, k, v, g, chunk=chunk, state=S0, decode=decode)
+    if recur is not None:
+        o, S = recur(q, k, v, g, S0, decode)
+    elif decode and T == 1:
+        o, S = recurrence.recurrent(q, k, v, g, state=S0)
+    else:
+        o, S = recurrence.chunked(q, k, v, g, chunk=chunk, state=S0)
     num, qn = o[..., :-1], o[..., -1:]  # C'_t q_t and n'_t^T q_t
     h = num / (qn.abs().maximum((-m).exp().unsqueeze(-1).to(o.dtype)) + eps)
     return h, (S, m[..., -1] if T else m0)
@@ -137,8 +142,8 @@ class BlockLinear(nn.Module):
         return torch.einsum("...ni,noi->...no", x.unflatten(-1, (-1, self.block)), self.weight).flatten(-2)
 
 
-class MLSTM(nn.Module):
-    causal_only = True  # a recurrence reads left to right only
+class MLSTM(RecurrentMixer):
+    silu_without_conv = True  # x_c = silu(x) when model.mixer.conv=0
 
     @dataclass
     class Config:
@@ -146,21 +151,27 @@ class MLSTM(nn.Module):
         head_dim: Optional[int] = None  # Dk = Dv; null: E / model.n_heads
         forget_gate: str = "sigmoid"  # sigmoid | exp: f_t = sigmoid(f~_t) or exp(f~_t)
         qkv_block: int = 4  # block size of the block-diagonal q/k/v projections (the paper's 4)
+        output_gate: bool = True  # h * silu(z), z from the up-projection (the paper's)
         conv: int = 4  # short causal conv size on the up-projected x (0: none)
         chunk: int = 64  # chunk length of the chunked (training / prefill) form
+        kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
+
+        def __post_init__(self):
+            check_knobs("mlstm", self.chunk, self.conv, self.kernel, forget_gate=(self.forget_gate, FORGET_GATES))
+            if self.expand < 1:
+                raise UserError(f"model.mixer.expand={self.expand} for mixer mlstm: must be >= 1")
 
     def __init__(self, cfg, layer: int):
         super().__init__()
-        m = cfg.mixer
-        if m["forget_gate"] not in FORGET_GATES:
-            raise UserError(f"model.mixer.forget_gate={m['forget_gate']} is not one of: {', '.join(FORGET_GATES)}")
-        self.exp_forget, self.chunk = m["forget_gate"] == "exp", m["chunk"]
-        self.d_inner = E = m["expand"] * cfg.d_model
-        self.n_heads, self.head_dim = heads(E, m["head_dim"], cfg.n_heads, "mlstm's inner width expand * d_model")
+        c = self.Config(**{k: v for k, v in cfg.mixer.items() if k != "name"})
+        self.exp_forget, self.chunk, self.kernel = c.forget_gate == "exp", c.chunk, c.kernel
+        self.d_inner = E = c.expand * cfg.d_model
+        self.n_heads, self.head_dim = head_size("mlstm", E, c.head_dim, cfg.n_heads, "inner (expand * d_model)")
         H = self.n_heads
-        self.up = nn.Linear(cfg.d_model, 2 * E, bias=cfg.bias)
-        self.conv = make_conv(E, m["conv"])
-        self.q, self.k, self.v = (BlockLinear(E, m["qkv_block"]) for _ in range(3))
+        self.z_width = E if c.output_gate else 0
+        self.up = nn.Linear(cfg.d_model, E + self.z_width, bias=cfg.bias)  # [x, z]
+        self.conv = short_conv("mlstm", E, c.conv)
+        self.q, self.k, self.v = (BlockLinear(E, c.qkv_block) for _ in range(3))
         self.gates = nn.Linear(3 * E, 2 * H)  # [i~, f~]; biases always (their init matters)
         self.norm = GatedRMSNorm(E, self.head_dim)  # per head, no gate
         self.skip = nn.Parameter(torch.ones(E))
@@ -183,21 +194,20 @@ class MLSTM(nn.Module):
         nn.init.ones_(self.skip)
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
-        check_causal(causal, "mlstm")
+        self.check_causal(causal)
         H, E = self.n_heads, self.d_inner
         cell0, m0, conv0 = state if state is not None else (None, None, None)
-        xm, z = self.up(x).split([E, E], dim=-1)
-        xc, conv1 = conv(self.conv, xm, conv0, decode)
+        xm, z = self.up(x).split([E, self.z_width], dim=-1)
+        (xc,), conv1 = self.convolve([xm], conv0, decode)
         q, k, v = self.q(xc), self.k(xc), self.v(xm)
         ig, fg = self.gates(torch.cat([q, k, v], dim=-1)).float().transpose(1, 2).split([H, H], dim=1)
         logf = fg if self.exp_forget else F.logsigmoid(fg)
-        q, k, v = (t.unflatten(-1, (H, -1)).transpose(1, 2) for t in (q, k, v))
-        h, (S, m) = mlstm_cell(q, k, v, ig, logf, chunk=self.chunk, decode=decode,
-                               state=None if cell0 is None else (cell0, m0))
-        h = self.norm(h.transpose(1, 2).flatten(2)) + self.skip * xc
-        y = self.down(h * F.silu(z))
+        h, (S, m) = mlstm_cell(self.heads(q, H), self.heads(k, H), self.heads(v, H), ig, logf, chunk=self.chunk,
+                               decode=decode, state=None if cell0 is None else (cell0, m0), recur=self.recur)
+        h = self.norm(self.merge(h)) + self.skip * xc
+        y = self.down(self.gated(h, z if self.z_width else None))
         return self.drop(y), ((S, m, conv1) if decode else None)
 
     def flops_per_token(self, seq_len: int) -> float:
         """recurrence_flops with Dk = P and Dv = P + 1 (the normaliser's column): 12 H P (P + 1)."""
-        return recurrence_flops(self.n_heads, self.head_dim, self.head_dim + 1)
+        return self.recurrence_flops(self.n_heads, self.head_dim, self.head_dim + 1)

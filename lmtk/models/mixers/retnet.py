@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from lmtk.models.layers import Rotary
-from lmtk.models.mixers.common import RecurrentMixer, ShortConv, check_knobs, split_heads
+from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK
 
 
@@ -43,9 +43,10 @@ class RetNet(RecurrentMixer):
         output_gate: bool = True  # swish(X W_G) * GroupNorm(o)
         conv: int = 0  # short causal conv on q, k, v (size; 0: none, as the paper)
         chunk: int = CHUNK  # chunk length of the chunked (training) form
+        kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
 
         def __post_init__(self):
-            check_knobs("retnet", self.chunk, self.conv)
+            check_knobs("retnet", self.chunk, self.conv, self.kernel)
 
     def __init__(self, cfg, layer: int):
         super().__init__()
@@ -59,11 +60,11 @@ class RetNet(RecurrentMixer):
         self.dv = split_heads("retnet", value_width, H, "value")
         if self.dk % 2:
             raise UserError(f"mixer retnet: the key head size {self.dk} must be even (RoPE rotates pairs)")
-        self.chunk = c.chunk
+        self.chunk, self.kernel = c.chunk, c.kernel
         self.q = nn.Linear(d, key_width, bias=cfg.bias)
         self.k = nn.Linear(d, key_width, bias=cfg.bias)
         self.v = nn.Linear(d, value_width, bias=cfg.bias)
-        self.convs = nn.ModuleList(ShortConv(w, c.conv) for w in (key_width, key_width, value_width)) if c.conv else None
+        self.conv = short_conv("retnet", 2 * key_width + value_width, c.conv)  # one depthwise conv over [q, k, v]
         self.rotary = Rotary(self.dk, cfg.rope_base, cfg.max_seq_len)
         self.register_buffer("log_decay", retention_decays(H), persistent=False)  # g_h
         self.group_norm = nn.GroupNorm(H, value_width)
@@ -80,15 +81,15 @@ class RetNet(RecurrentMixer):
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
         self.check_causal(causal)
         B, T, _ = x.shape
-        S, conv_states = (state[0], state[1:]) if state is not None else (None, None)
-        (q, k, v), conv_states = self.convolve(self.convs, [self.q(x), self.k(x), self.v(x)], conv_states, decode)
+        S, conv_state = state if state is not None else (None, None)
+        (q, k, v), conv_state = self.convolve([self.q(x), self.k(x), self.v(x)], conv_state, decode)
         H = self.n_heads
         q, k, v = self.heads(q, H), self.heads(k, H), self.heads(v, H)
         cos, sin = self.rotary.cos_sin(T, q.dtype, offset)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         o, S = self.recur(q, k, v, self.log_decay, S, decode, scale=self.dk ** -0.5)
         y = self.group_norm(self.merge(o).float().reshape(B * T, -1)).view(B, T, -1)  # in fp32
-        return self.gated_out(y, x, S, conv_states, decode)
+        return self.gated_out(y, x, S, conv_state, decode)
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""
