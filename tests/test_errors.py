@@ -86,6 +86,10 @@ ROWS = [
     ("layers-recurrent-without-mixer", ["train", "model.layers=AR"], "has R layers but model.mixer is attention"),
     ("unknown-mixer-option", ["train", "model/mixer=gls"], "unknown option 'gls' for model/mixer"),
     ("unknown-mixer-key", ["train", "model.mixer.chunk=3"], "unknown config key 'model.mixer.chunk'"),
+    ("mixer-knob-out-of-range", ["train", "model/mixer=mamba2", "model.mixer.conv=-1"],
+     "model.mixer.conv=-1 for mixer mamba2: the short convolution's size must be >= 0 (0: none)"),
+    ("mixer-kernel-fla-unavailable", ["train", "model/mixer=gla", "model.mixer.kernel=fla"],
+     "model.mixer.kernel=fla for mixer gla needs a CUDA GPU"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]
@@ -103,7 +107,7 @@ def _one_error_line(stderr: str, expect: str) -> None:
 
 @pytest.mark.parametrize("row,args,expect", ROWS, ids=[r[0] for r in ROWS])
 def test_catalogue_row(world, row, args, expect):
-    if row == "cuda-absent" and torch.cuda.is_available():
+    if row in ("cuda-absent", "mixer-kernel-fla-unavailable") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     base, env = world
     before = _digest(base / "runs" / "done")

@@ -6,11 +6,13 @@ composition, an RA hybrid, and one short learning run."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import helpers
 from lmtk.config import compose
@@ -264,3 +266,62 @@ def test_mlstm_cell_gradients_equal_the_paper_equations(gate):
     (mlstm_cell(*xs, chunk=4)[0] * w).sum().backward()
     for x, b in zip(xs, grads[1]):
         assert torch.allclose(x.grad, b, atol=1e-4)
+
+
+# --- the knobs every recurrent mixer has: conv (size, 0 = none) and output_gate -------------------
+
+RECURRENT = ["linear", "retnet", "gla", "hgrn2", "metala", "mamba2", "mlstm", "gdn"]
+SMALL = {"hgrn2": {"expand_ratio": 8}, "mamba2": {"d_state": 8}, "linear": {"feature_dim": 4}}
+
+
+def one_layer(name: str, **knobs):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, positions="rope", norm="rmsnorm",
+                      mlp="swiglu", bias=False, mixer={"name": name, "chunk": 4, **SMALL.get(name, {}), **knobs})
+    return LanguageModel(cfg).eval()
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_every_recurrent_mixer_has_conv_and_output_gate_knobs(name):
+    """Defaults as the conf files (the papers'); conv=0 has no conv parameters and conv=3 a
+    3-tap depthwise conv; output_gate=false has fewer parameters than true (no gate projection, or
+    no z in the fused in-projection)."""
+    defaults = dataclasses.asdict(MIXERS[name].Config())
+    conf = yaml.safe_load((helpers.REPO / "conf" / "model" / "mixer" / f"{name}.yaml").read_text())
+    assert {k: conf[k] for k in ("conv", "output_gate", "kernel")} == {k: defaults[k] for k in ("conv", "output_gate", "kernel")}
+    no_conv, conv = (one_layer(name, conv=c).blocks[1].mixer for c in (0, 3))
+    assert no_conv.conv is None and not any("conv" in n for n, _ in no_conv.named_parameters())
+    assert conv.conv.weight.shape[-1] == 3 and conv.conv.weight.shape[0] > 1
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    gated, plain = (one_layer(name, output_gate=g).blocks[1].mixer for g in (True, False))
+    assert count(gated) > count(plain)
+    assert (gated.gate is not None) == (name not in ("mamba2", "mlstm")) and plain.gate is None
+    if name in ("mamba2", "mlstm"):  # the gate's z comes out of the fused in-projection
+        assert gated.z_width > 0 and plain.z_width == 0
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_decoding_equals_full_forward_with_the_knobs_flipped(name):
+    """The conv and the gate each flipped from the paper's default: a chunked prefill (carried conv
+    state and S), then one token at a time, equals the full forward; the flipped model differs."""
+    defaults = MIXERS[name].Config()
+    flipped = {"conv": 0 if defaults.conv else 3, "output_gate": not defaults.output_gate}
+    for knobs in ({"conv": flipped["conv"]}, {"output_gate": flipped["output_gate"]}, flipped):
+        m = one_layer(name, **knobs)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            x = ids(15)
+            full = m(x)
+            cache = m.new_cache()
+            got = torch.cat([m(x[:, :6], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(6, 15)], 1)
+        assert torch.allclose(got, full, atol=1e-4), (knobs, (got - full).abs().max())
+
+
+@pytest.mark.parametrize("name", ["metala", "mamba2", "mlstm", "gdn"])
+def test_knob_ranges_are_one_line_errors(name):
+    for knobs, needle in (({"conv": -1}, "model.mixer.conv=-1"), ({"chunk": 0}, "model.mixer.chunk=0"),
+                          ({"kernel": "triton"}, "model.mixer.kernel=triton is not one of: auto, torch, fla")):
+        with pytest.raises(UserError, match=needle) as err:
+            one_layer(name, **knobs)
+        assert "\n" not in str(err.value)

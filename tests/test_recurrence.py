@@ -85,6 +85,36 @@ def test_chunked_matches_naive(exact_channel_path, chunk, T, request):
     assert_same(run(recurrence.chunked, x, chunk=chunk, scale=0.3), run(recurrence.naive, x, scale=0.3))
 
 
+@pytest.mark.parametrize("exact_channel_path", KINDS, indirect=True)
+@pytest.mark.parametrize("form", ["chunked", "recurrent", "naive"])
+def test_shared_qk_equals_the_per_head_copies(exact_channel_path, form, request):
+    """q, k [B, 1, T, Dk] shared by every head (Mamba-2's one group): each form equals the same
+    form on q, k copied per head, in outputs, states and gradients (a shared q's gradient is the
+    sum of its copies'), and chunked == naive on the shared inputs."""
+    kind = request.node.callspec.params["exact_channel_path"]
+    x = make(kind, T=37)
+    shared = {**x, "q": x["q"][:, :1], "k": x["k"][:, :1]}
+    kw = dict(chunk=8, scale=0.3) if form == "chunked" else dict(scale=0.3)
+    fn = getattr(recurrence, form)
+    o, S, grads = run(fn, shared, **kw)
+    leaves = {n: t.clone().requires_grad_() for n, t in shared.items() if t is not None}
+    copies = {**leaves, "q": leaves["q"].expand(B, H, -1, -1), "k": leaves["k"].expand(B, H, -1, -1)}
+    o2, S2 = fn(**{**x, **copies}, **kw)
+    gen = torch.Generator().manual_seed(123)
+    w = lambda t: torch.randn(t.shape, generator=gen, dtype=F64).to(t.dtype)
+    ((o2 * w(o2)).sum() + (S2 * w(S2)).sum()).backward()
+    assert grads["q"].shape == (B, 1, 37, DK)
+    assert_same((o, S, grads), (o2.detach(), S2.detach(), {n: t.grad for n, t in leaves.items()}))
+    if form == "chunked":
+        assert_same((o, S, grads), run(recurrence.naive, shared, scale=0.3))
+
+
+def test_q_k_head_counts_are_checked():
+    x = make("scalar")
+    with pytest.raises(ValueError, match="H=2 or 1"):
+        recurrence.chunked(**{**x, "k": torch.cat([x["k"], x["k"]], 1)})
+
+
 @pytest.mark.parametrize("kind", KINDS[:4])
 def test_recurrent_matches_naive(kind):
     x = make(kind, T=37)

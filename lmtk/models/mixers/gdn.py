@@ -34,7 +34,7 @@ class GatedDeltaNet(RecurrentMixer):
         expand_v: float = 2.0  # value head dim Dv = expand_v * Dk (the paper's 2)
         output_gate: bool = True  # RMSNorm(o) * silu(W_g x) (the paper's)
         conv: int = 4  # short causal conv size on q, k, v (0: none)
-        chunk: int = 64  # chunk length of the chunked (WY, training / prefill) form
+        chunk: int = 32  # chunk length of the chunked (WY, training / prefill) form (32: fastest here)
         kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
 
         def __post_init__(self):

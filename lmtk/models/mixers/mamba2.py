@@ -9,7 +9,8 @@ gated linear recurrence (recurrence.py).
     out = out_proj(RMSNorm(y * silu(z)))                 the gated norm, over all E channels
                                                         (output_gate: false drops z: RMSNorm(y))
 
-As the op: q = C, k = B (one group: shared by every head), v = dt * x, g = -exp(A_log) dt
+As the op: q = C, k = B (one group: shared by every head, passed as one head [B, 1, T, N] that
+the op broadcasts, so C B^T is computed once per chunk, not per head), v = dt * x, g = -exp(A_log) dt
 (a scalar per head and step, [B, H, T]); no q scaling. Heads: H = E / head_dim. A's and dt's
 initial spectra are the paper's (common.MambaDecay: A ~ U[1, 16], dt log-uniform in
 [1e-3, 1e-1]); D starts at 1. Decoding state: (h [B, H, N, P], conv state)."""
@@ -53,6 +54,7 @@ class Mamba2(RecurrentMixer):
         self.d_state, self.chunk, self.kernel = c.d_state, c.chunk, c.kernel
         H, N = self.n_heads, self.d_state
         self.z_width = E if c.output_gate else 0
+        self.gate = None  # the gate's z is z_width more outputs of the fused projection, not a module
         self.in_proj = nn.Linear(cfg.d_model, self.z_width + E + 2 * N + H, bias=cfg.bias)  # [z, x, B, C, dt~]
         self.conv = short_conv("mamba2", E + 2 * N, c.conv)
         self.decay = MambaDecay(H)
@@ -76,9 +78,8 @@ class Mamba2(RecurrentMixer):
         g, dt = self.decay(dt)  # [B, T, H]
         xh = x.unflatten(-1, (H, P))  # [B, T, H, P]
         v = (xh * dt.unsqueeze(-1).to(x.dtype)).transpose(1, 2)  # [B, H, T, P]
-        k = Bm.unsqueeze(1).expand(Bsz, H, T, N)  # one group: B and C shared by all heads
-        q = Cm.unsqueeze(1).expand(Bsz, H, T, N)
-        y, h = self.recur(q, k, v, g.transpose(1, 2), h0, decode)
+        # one group: B and C shared by every head, passed once ([B, 1, T, N]; the op broadcasts them)
+        y, h = self.recur(Cm.unsqueeze(1), Bm.unsqueeze(1), v, g.transpose(1, 2), h0, decode)
         y = y.transpose(1, 2) + xh * self.D.to(x.dtype).unsqueeze(-1)  # D skip
         y = self.norm(y.flatten(2), z if self.z_width else None)
         return self.drop(self.out_proj(y)), ((h, conv1) if decode else None)

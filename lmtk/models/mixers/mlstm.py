@@ -153,7 +153,7 @@ class MLSTM(RecurrentMixer):
         qkv_block: int = 4  # block size of the block-diagonal q/k/v projections (the paper's 4)
         output_gate: bool = True  # h * silu(z), z from the up-projection (the paper's)
         conv: int = 4  # short causal conv size on the up-projected x (0: none)
-        chunk: int = 64  # chunk length of the chunked (training / prefill) form
+        chunk: int = 32  # chunk length of the chunked (training / prefill) form (32: fastest here)
         kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
 
         def __post_init__(self):
@@ -169,6 +169,7 @@ class MLSTM(RecurrentMixer):
         self.n_heads, self.head_dim = head_size("mlstm", E, c.head_dim, cfg.n_heads, "inner (expand * d_model)")
         H = self.n_heads
         self.z_width = E if c.output_gate else 0
+        self.gate = None  # the gate's z is z_width more outputs of the fused projection, not a module
         self.up = nn.Linear(cfg.d_model, E + self.z_width, bias=cfg.bias)  # [x, z]
         self.conv = short_conv("mlstm", E, c.conv)
         self.q, self.k, self.v = (BlockLinear(E, c.qkv_block) for _ in range(3))
@@ -200,7 +201,10 @@ class MLSTM(RecurrentMixer):
         xm, z = self.up(x).split([E, self.z_width], dim=-1)
         (xc,), conv1 = self.convolve([xm], conv0, decode)
         q, k, v = self.q(xc), self.k(xc), self.v(xm)
-        ig, fg = self.gates(torch.cat([q, k, v], dim=-1)).float().transpose(1, 2).split([H, H], dim=1)
+        # gates([q, k, v]) as three products with slices of its weight (no [B, T, 3E] concatenation)
+        Wq, Wk, Wv = self.gates.weight.split([E, E, E], dim=1)
+        pre = F.linear(q, Wq, self.gates.bias) + F.linear(k, Wk) + F.linear(v, Wv)
+        ig, fg = pre.float().transpose(1, 2).split([H, H], dim=1)
         logf = fg if self.exp_forget else F.logsigmoid(fg)
         h, (S, m) = mlstm_cell(self.heads(q, H), self.heads(k, H), self.heads(v, H), ig, logf, chunk=self.chunk,
                                decode=decode, state=None if cell0 is None else (cell0, m0), recur=self.recur)

@@ -13,7 +13,10 @@ produce q, k, v, g, hence in the shape of g:
     g: [B, H, T, Dk]    data-dependent per key channel (GLA, HGRN2, MetaLA)
 
 A size-1 batch dimension of g broadcasts over B. Layout is head-first throughout:
-q, k [B, H, T, Dk], v [B, H, T, Dv], state [B, H, Dk, Dv], output o [B, H, T, Dv].
+q, k [B, H, T, Dk], v [B, H, T, Dv], state [B, H, Dk, Dv], output o [B, H, T, Dv]. q and k may
+instead be shared by every head, [B, 1, T, Dk] (Mamba-2's one group of B and C): they broadcast,
+so the chunked form computes the intra-chunk q k^T once for all heads and applies each head's
+decay mask to it, rather than computing and storing H copies (H is v's head count).
 
 Three forms, all returning (o, final_state) and all taking an optional initial `state`:
 
@@ -96,6 +99,17 @@ def log_decay(g: Tensor | None, B: int, H: int, T: int, Dk: int, dtype: torch.dt
             f"Dk={Dk} (B may be 1), got {tuple(g.shape)}"
         )
     return g.to(dtype)
+
+
+def _shape(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int]:
+    """(B, H, T, Dk) of an op's inputs: H is v's head count; q and k have H heads or 1 (shared)."""
+    B, H, T, _ = v.shape
+    Dk = q.shape[-1]
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 4 or x.shape[0] != B or x.shape[1] not in (1, H) or x.shape[2] != T or x.shape[3] != Dk:
+            raise ValueError(f"{name} must be [B={B}, H={H} or 1, T={T}, Dk={Dk}] (v {tuple(v.shape)}), "
+                             f"got {tuple(x.shape)}")
+    return B, H, T, Dk
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -188,8 +202,7 @@ def chunked(
     [B, H, T, Dk], state [B, H, Dk, Dv] or None -> (o [B, H, T, Dv], state [B, H, Dk, Dv]).
     T need not be a multiple of `chunk`: the tail is zero-padded (k = v = 0, g = 0 leaves S as is).
     Per-channel decays too strong for the fast path at `chunk` run at a shorter chunk (see above)."""
-    B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
+    B, H, T, Dk, Dv = *_shape(q, k, v), v.shape[-1]
     out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
     g = log_decay(g, B, H, T, Dk, cdt)
     S = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if state is None else state.to(cdt)
@@ -210,7 +223,7 @@ def chunked(
         qb, kb, decay = q, k, None
     else:
         g = pad_time(g, pad).unflatten(2, (N, C))  # [B|1, H, N, C, 1|Dk]
-        if g.shape[-1] == 1:
+        if g.shape[-1] == 1:  # (shared q, k: one q k^T [B, 1, N, C, C], each head's mask applied to it)
             A = (q @ k.transpose(-1, -2)) * segsum(g).squeeze(-1).exp()
         else:
             A = _intra_channel_fast(q, k, g) if fast else _intra_channel_exact(q, k, g)
@@ -225,7 +238,7 @@ def chunked(
     starts = []
     for n, Un in enumerate(U.unbind(2)):
         starts.append(S)
-        S = (S if decay is None else S * decay[n]) + Un
+        S = S + Un if decay is None else torch.addcmul(Un, S, decay[n])  # decay S, add the chunk's part
     o = o + qb @ torch.stack(starts, dim=2)
     return o.flatten(2, 3)[:, :, :T].to(out_dtype), S
 
@@ -239,8 +252,7 @@ def recurrent(
     scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Step form (decoding). Same shapes as `chunked`; one O(Dk Dv) update per step."""
-    B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
+    B, H, T, Dk, Dv = *_shape(q, k, v), v.shape[-1]
     out_dtype, cdt = q.dtype, compute_dtype(q.dtype)
     g = log_decay(g, B, H, T, Dk, cdt)
     S = q.new_zeros(B, H, Dk, Dv, dtype=cdt) if state is None else state.to(cdt)
@@ -251,7 +263,7 @@ def recurrent(
         if decay is not None:
             S = S * decay[t]
         S = S + kt[..., :, None] * vt[..., None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", qt, S))
+        outs.append((qt.unsqueeze(-2) @ S).squeeze(-2))  # q_t^T S_t (q_t may broadcast over heads)
     o = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, Dv, dtype=cdt)
     return o.to(out_dtype), S
 
@@ -266,8 +278,7 @@ def naive(
 ) -> tuple[Tensor, Tensor]:
     """Reference for tests: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T (scale q_t),
     with the diagonal matrix built explicitly. Same shapes as `chunked`."""
-    B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
+    B, H, T, Dk, Dv = *_shape(q, k, v), v.shape[-1]
     cdt = compute_dtype(q.dtype)
     if g is None:
         gk = torch.zeros(B, H, T, Dk, dtype=cdt, device=q.device)
