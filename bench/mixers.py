@@ -11,6 +11,10 @@ same width, on this machine.
 
     python bench/mixers.py [--d 128] [--heads 4] [--lengths 512 2048 8192] [--contexts 1024 4096 16384]
                            [--train-seconds 0] [--data DIR] [--mixers gla retnet ...] [--threads N]
+                           [--clock wall|thread]
+
+--clock thread times fwd+bwd by this thread's CPU time (time.thread_time; use it with --threads 1):
+on a shared, loaded machine wall-clock ratios swing with the load, CPU time of one thread does not.
 
 The last line: `L=4096 fwd+bwd time vs attention: linear=<x> retnet=<x> ...` (ratios, this run).
 """
@@ -40,16 +44,16 @@ def one_layer(name: str, d: int, heads: int, max_len: int) -> torch.nn.Module:
     return LanguageModel(cfg).blocks[0].mixer
 
 
-def fwd_bwd_ms(mixers: dict, L: int, d: int, rounds: int) -> dict:
+def fwd_bwd_ms(mixers: dict, L: int, d: int, rounds: int, clock=time.perf_counter) -> dict:
     x = torch.randn(1, L, d)
     times = {n: [] for n in mixers}
     for _ in range(rounds):  # alternating: load on a shared machine hits every mixer alike
         for n, m in mixers.items():
             xi = x.clone().requires_grad_()
-            t0 = time.perf_counter()
+            t0 = clock()
             y, _ = m(xi, causal=True)
             y.sum().backward()
-            times[n].append(1000 * (time.perf_counter() - t0))
+            times[n].append(1000 * (clock() - t0))
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -105,6 +109,8 @@ def main(argv=None) -> None:
     p.add_argument("--train-seconds", type=float, default=0.0, help="per mixer (the default recipe's is 144)")
     p.add_argument("--data", default=None, help="a folder with train.txt and val.txt (../shared/corpora/english.sh)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="fwd+bwd timer: wall clock, or this thread's CPU time (with --threads 1; steady under load)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -113,13 +119,15 @@ def main(argv=None) -> None:
         names = ["attention", *names]
     max_len = max(a.lengths + a.contexts) + 64
     mixers = {n: one_layer(n, a.d, a.heads, max_len) for n in names}
-    print(f"# mixers, one layer d={a.d} heads={a.heads}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# mixers, one layer d={a.d} heads={a.heads}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{a.clock} clock")
 
     rows, ratios = [], {}
-    by_len = {L: fwd_bwd_ms(mixers, L, a.d, a.rounds) for L in a.lengths}
+    clock = time.thread_time if a.clock == "thread" else time.perf_counter
+    by_len = {L: fwd_bwd_ms(mixers, L, a.d, a.rounds, clock) for L in a.lengths}
     for n in names:
         rows.append([n, *(f"{by_len[L][n]:.1f} ({by_len[L][n] / by_len[L]['attention']:.2f}x)" for L in a.lengths)])
-    print("\n## fwd+bwd ms (ratio to attention)\n")
+    print(f"\n## fwd+bwd ms, {a.clock} clock (ratio to attention)\n")
     print(table(["mixer", *(f"L={L}" for L in a.lengths)], rows))
     ref_len = 4096 if 4096 in by_len else a.lengths[-1]
     ratios = {n: by_len[ref_len][n] / by_len[ref_len]["attention"] for n in names if n != "attention"}

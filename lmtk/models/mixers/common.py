@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmtk.models.layers import rms_norm
 from lmtk.models.mixers import delta, kernels, recurrence
 
 
@@ -224,5 +225,10 @@ class GatedRMSNorm(nn.Module):
     def forward(self, o: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         if not self.norm_before_gate:
             o = RecurrentMixer.gated(o, z)
-        o = F.rms_norm(o.unflatten(-1, (-1, self.group)), (self.group,), eps=self.eps).flatten(-2) * self.weight
+        if o.dtype != self.weight.dtype:  # (bf16 o under autocast: normalised without a weight, scaled in fp32)
+            o = F.rms_norm(o.unflatten(-1, (-1, self.group)), (self.group,), eps=self.eps).flatten(-2) * self.weight
+        elif self.group == o.shape[-1]:  # one group (Mamba-2's); layers.rms_norm: a faster backward on the CPU
+            o = rms_norm(o, self.weight, self.eps)
+        else:  # per head: normalise each group (unit weight, which takes no gradient), then scale
+            o = rms_norm(o.unflatten(-1, (-1, self.group)), o.new_ones(self.group), self.eps).flatten(-2) * self.weight
         return RecurrentMixer.gated(o, z) if self.norm_before_gate else o

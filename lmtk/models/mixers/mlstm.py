@@ -201,10 +201,7 @@ class MLSTM(RecurrentMixer):
         xm, z = self.up(x).split([E, self.z_width], dim=-1)
         (xc,), conv1 = self.convolve([xm], conv0, decode)
         q, k, v = self.q(xc), self.k(xc), self.v(xm)
-        # gates([q, k, v]) as three products with slices of its weight (no [B, T, 3E] concatenation)
-        Wq, Wk, Wv = self.gates.weight.split([E, E, E], dim=1)
-        pre = F.linear(q, Wq, self.gates.bias) + F.linear(k, Wk) + F.linear(v, Wv)
-        ig, fg = pre.float().transpose(1, 2).split([H, H], dim=1)
+        ig, fg = self.gates(torch.cat([q, k, v], dim=-1)).float().transpose(1, 2).split([H, H], dim=1)
         logf = fg if self.exp_forget else F.logsigmoid(fg)
         h, (S, m) = mlstm_cell(self.heads(q, H), self.heads(k, H), self.heads(v, H), ig, logf, chunk=self.chunk,
                                decode=decode, state=None if cell0 is None else (cell0, m0), recur=self.recur)

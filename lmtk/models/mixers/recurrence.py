@@ -238,7 +238,7 @@ def chunked(
     starts = []
     for n, Un in enumerate(U.unbind(2)):
         starts.append(S)
-        S = S + Un if decay is None else torch.addcmul(Un, S, decay[n])  # decay S, add the chunk's part
+        S = (S if decay is None else S * decay[n]) + Un
     o = o + qb @ torch.stack(starts, dim=2)
     return o.flatten(2, 3)[:, :, :T].to(out_dtype), S
 
