@@ -53,8 +53,8 @@ class RecurrentMixer(nn.Module):
     delta.py on head-first q, k, v (, beta), g, and carry a decoding state that starts with the op's
     S [B, H, Dk, Dv] and ends with the short conv's state (None without a conv). A subclass sets
     `chunk` and `kernel` (its knobs), `conv` (`short_conv(...)`: one conv over the concatenation of
-    its convolved inputs, or None) and `gate` (the output gate's projection of x, or None: no gate, or a gate whose input z comes from a
-    fused in-projection, as mamba2's and mlstm's)."""
+    its convolved inputs, or None) and `gate` (the output gate's projection of x, or None: no gate,
+    or a gate whose input z comes from a fused in-projection, as mamba2's and mlstm's)."""
 
     causal_only = True  # a recurrence reads left to right: no masked (bidirectional) reading
 

@@ -100,7 +100,7 @@ def fla_recurrence(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Ten
         return recurrence.chunked(q, k, v, g, state=state, scale=scale)
     cdt = recurrence.compute_dtype(q.dtype)
     S0 = None if state is None else state.to(cdt)
-    qt, kt, vt = _time_first(q, H), _time_first(k, H), _time_first(v)
+    qt, kt, vt = _time_first(q, H), _time_first(k.to(q.dtype), H), _time_first(v.to(q.dtype))  # one dtype for Triton
     if g is None or g.dim() == 1:
         gamma = torch.zeros(H, device=q.device, dtype=torch.float32) if g is None else g.float()
         o, S = ops["simple_gla"](qt, kt, vt, g_gamma=gamma, scale=scale, initial_state=S0, output_final_state=True)
@@ -129,7 +129,7 @@ def fla_delta(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s
     elif g.dim() == 1:
         g = g.float().view(1, H, 1).expand(B, H, T)
     g = g.reshape(g.shape[0], H, T).expand(B, H, T)
-    o, S = ops["gated_delta_rule"](_time_first(q), _time_first(k), _time_first(v), _time_first(g.float()),
-                                   _time_first(beta.expand(B, H, T)), scale=scale,
+    o, S = ops["gated_delta_rule"](_time_first(q), _time_first(k.to(q.dtype)), _time_first(v.to(q.dtype)),
+                                   _time_first(g.float()), _time_first(beta.expand(B, H, T).to(q.dtype)), scale=scale,
                                    initial_state=None if state is None else state.to(cdt), output_final_state=True)
     return o.transpose(1, 2).to(q.dtype), S.to(cdt)
