@@ -59,6 +59,17 @@ def test_fla_without_cuda_is_a_one_line_error(name):
     assert "\n" not in str(err.value)
 
 
+def test_fla_without_the_package_is_a_one_line_error(monkeypatch):
+    """On a CUDA machine (simulated) without fla installed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "_fla_installed", lambda: False)
+    with pytest.raises(UserError, match=r"kernel=fla for mixer gla: fla's kernels do not import; install them with "
+                                        r"pip install 'lmtk\[fla\]'") as err:
+        kernels.check("fla", "gla")
+    assert "\n" not in str(err.value)
+    kernels.check("auto", "gla")  # auto falls back to the PyTorch op: no error
+
+
 def test_fla_on_a_cpu_tensor_is_a_one_line_error():
     """kernel=fla checked at build time (above) and again where the op runs on a CPU tensor (a model
     built on a GPU machine, then run on the CPU)."""

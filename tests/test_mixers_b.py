@@ -325,3 +325,15 @@ def test_knob_ranges_are_one_line_errors(name):
         with pytest.raises(UserError, match=needle) as err:
             one_layer(name, **knobs)
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name,knobs,needle", [
+    ("mamba2", {"expand": 0}, "model.mixer.expand=0, d_state=8 for mixer mamba2: both must be >= 1"),
+    ("mlstm", {"expand": 0}, "model.mixer.expand=0 for mixer mlstm: must be >= 1"),
+    ("gdn", {"expand_v": 0.0}, "for mixer gdn: gives heads of 16 / 0 channels"),
+    ("metala", {"decay_norm": 0.0}, "model.mixer.decay_norm=0.0 for mixer metala: must be > 0"),
+])
+def test_width_knobs_are_one_line_errors(name, knobs, needle):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(")) as err:
+        one_layer(name, **knobs)
+    assert "\n" not in str(err.value)
