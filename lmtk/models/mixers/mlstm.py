@@ -153,7 +153,7 @@ class MLSTM(RecurrentMixer):
         qkv_block: int = 4  # block size of the block-diagonal q/k/v projections (the paper's 4)
         output_gate: bool = True  # h * silu(z), z from the up-projection (the paper's)
         conv: int = 4  # short causal conv size on the up-projected x (0: none)
-        chunk: int = 32  # chunk length of the chunked (training / prefill) form (32: fastest here)
+        chunk: int = 64  # chunk length of the chunked (training / prefill) form
         kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
 
         def __post_init__(self):
