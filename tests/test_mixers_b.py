@@ -337,3 +337,24 @@ def test_width_knobs_are_one_line_errors(name, knobs, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")) as err:
         one_layer(name, **knobs)
     assert "\n" not in str(err.value)
+
+
+def test_short_conv_is_the_causal_depthwise_conv1d():
+    """ShortConv (fused multiply-adds over time slices) equals F.conv1d on the left-padded input, in
+    fp64, with its gradients; a state carried across a split continues it exactly."""
+    from lmtk.models.mixers.common import ShortConv
+
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4, activation=False).double()
+    x = torch.randn(2, 13, 6, dtype=torch.float64, requires_grad=True)
+    y, _ = conv(x)
+    full = torch.cat([x.new_zeros(2, 3, 6), x], 1)
+    ref = F.conv1d(full.transpose(1, 2), conv.weight, conv.bias, groups=6).transpose(1, 2)
+    assert torch.allclose(y, ref, atol=1e-12)
+    w = torch.randn_like(y)
+    ga = torch.autograd.grad((y * w).sum(), [x, conv.weight, conv.bias])
+    gb = torch.autograd.grad((ref * w).sum(), [x, conv.weight, conv.bias])
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ga, gb))
+    y1, s = conv(x[:, :5], decode=True)
+    y2, _ = conv(x[:, 5:], s, decode=True)
+    assert torch.allclose(torch.cat([y1, y2], 1), ref, atol=1e-12)
