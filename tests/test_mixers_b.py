@@ -358,3 +358,35 @@ def test_short_conv_is_the_causal_depthwise_conv1d():
     y1, s = conv(x[:, :5], decode=True)
     y2, _ = conv(x[:, 5:], s, decode=True)
     assert torch.allclose(torch.cat([y1, y2], 1), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, sizes", [("gla", None), ("linear", None), ("metala", None), ("gdn", None)])
+def test_checkpoints_of_the_per_input_conv_layout_still_load(name, sizes):
+    """State dicts written before the mixers shared one conv over their concatenated inputs
+    (convs.0/1/2) and before metala/gdn's g_proj/out_proj became gate/out load unchanged."""
+    from lmtk.models import LanguageModel, ModelConfig
+
+    knobs = {"conv": 4} if name in ("gla", "linear") else {}
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32, positions="rope", rope_layout="half",
+                      norm="rmsnorm", mlp="swiglu", bias=False, mixer={"name": name, **knobs})
+    torch.manual_seed(0)
+    model = LanguageModel(cfg).eval()
+    legacy = {}
+    mixer = model.blocks[0].mixer
+    for k, v in model.state_dict().items():
+        if name in ("gla", "linear") and k.startswith("blocks.0.mixer.conv."):
+            what = k.rsplit(".", 1)[1]
+            widths = [mixer.q.out_features, mixer.k.out_features, mixer.v.out_features]
+            for i, part in enumerate(v.split(widths, dim=0)):
+                legacy[f"blocks.0.mixer.convs.{i}.{what}"] = part.clone()
+        elif name in ("metala", "gdn") and k.startswith(("blocks.0.mixer.gate.", "blocks.0.mixer.out.")):
+            legacy[k.replace("mixer.gate.", "mixer.g_proj.").replace("mixer.out.", "mixer.out_proj.")] = v.clone()
+        else:
+            legacy[k] = v.clone()
+    assert set(legacy) != set(model.state_dict())  # the legacy names really differ
+    torch.manual_seed(1)
+    fresh = LanguageModel(cfg).eval()
+    fresh.load_state_dict(legacy)  # strict
+    x = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))

@@ -72,6 +72,23 @@ class RecurrentMixer(nn.Module):
     # mamba2, mlstm, gdn, metala: the SiLU after the conv stays when model.mixer.conv=0
     silu_without_conv = False
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the recurrent mixers shared this base keep loading: their
+        per-input convs (convs.0, convs.1, ...: the same taps, one conv per input) become the one
+        conv over the concatenated inputs, and metala's / gdn's g_proj, out_proj are now gate, out."""
+        old = sorted((k for k in state_dict if k.startswith(prefix + "convs.")), key=lambda k: k[len(prefix):])
+        if old and self.conv is not None:
+            n = 1 + max(int(k[len(prefix) + 6:].split(".")[0]) for k in old)
+            for what in ("weight", "bias"):
+                parts = [state_dict.pop(f"{prefix}convs.{i}.{what}") for i in range(n) if f"{prefix}convs.{i}.{what}" in state_dict]
+                if parts:
+                    state_dict[f"{prefix}conv.{what}"] = torch.cat(parts, dim=0)
+        for before, now in (("g_proj.", "gate."), ("out_proj.", "out.")):
+            if not hasattr(self, before[:-1]) and hasattr(self, now[:-1]):
+                for k in [k for k in state_dict if k.startswith(prefix + before)]:
+                    state_dict[prefix + now + k[len(prefix + before):]] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def check_causal(self, causal: bool) -> None:
         if not causal:
             raise ValueError(f"{type(self).__name__} is causal only (a left-to-right recurrence): "
