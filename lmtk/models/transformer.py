@@ -83,13 +83,17 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout)
 
-    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
-        """(x, the mixer's new state): state, offset and decode carry decoding (models/mixers)."""
+    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None):
+        """(x, the mixer's new state): state, offset and decode carry decoding (models/mixers);
+        attention_mask [B, T] (True at real tokens) reaches mixers that read both ways (attention):
+        a left-to-right mixer's outputs at real tokens of a right-padded batch do not depend on
+        the pads after them, and LanguageModel.hidden refuses other padding for such models."""
+        kw = {} if attention_mask is None or self.mixer.causal_only else {"attention_mask": attention_mask}
         if self.pre:
-            h, state = self.mixer(self.norm1(x), causal=causal, state=state, offset=offset, decode=decode)
+            h, state = self.mixer(self.norm1(x), causal=causal, state=state, offset=offset, decode=decode, **kw)
             x = x + h
             return x + self.mlp(self.norm2(x)), state
-        h, state = self.mixer(x, causal=causal, state=state, offset=offset, decode=decode)
+        h, state = self.mixer(x, causal=causal, state=state, offset=offset, decode=decode, **kw)
         x = self.norm1(x + h)
         return self.norm2(x + self.mlp(x)), state
 
@@ -148,11 +152,29 @@ class LanguageModel(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, std)
 
-    def hidden(self, idx: torch.Tensor, causal: bool = True, cache: "DecodeCache | None" = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, causal: bool = True, cache: "DecodeCache | None" = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, T, D]. With a cache (decoding), idx continues the cached
-        sequence: positions start at cache.offset, each layer reads and replaces its state."""
+        sequence: positions start at cache.offset, each layer reads and replaces its state.
+
+        attention_mask [B, T] (True / 1 at real tokens, False / 0 at padding) scores a batch of
+        texts of unequal length: attention layers ignore padded keys (both readings), so each
+        real token's output equals the unpadded text's. Pad on the right: positions then start
+        at 0 for every text, and left-to-right layers (recurrent mixers), which read no mask,
+        are unaffected by the pads after the real tokens; a model with such layers refuses a
+        mask with padding before a real token. Outputs at padded positions are meaningless."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.offset
+        if attention_mask is not None:
+            if cache is not None:
+                raise ValueError("attention_mask is for scoring padded batches, not for decoding with a cache")
+            attention_mask = attention_mask.to(device=idx.device, dtype=torch.bool)
+            if attention_mask.shape != idx.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match idx {tuple(idx.shape)}")
+            if self.causal_only and bool((attention_mask[:, 1:] & ~attention_mask[:, :-1]).any()):
+                raise ValueError("this model has left-to-right (recurrent) layers: pad batches on the right")
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing padded: the unmasked (fast) path
         if start + T > self.cfg.max_seq_len and self.cfg.positions in ("learned", "sinusoidal"):
             raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.cfg.max_seq_len} (a table of that many rows)")
         x = self.embed(idx)
@@ -166,9 +188,10 @@ class LanguageModel(nn.Module):
                 x, cache.states[i] = block(x, causal=causal, state=cache.states[i], offset=start, decode=True)
             elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # recompute the block in backward instead of storing its activations
-                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)[0]
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, None, 0, False, attention_mask,
+                                                      use_reentrant=False)[0]
             else:
-                x = block(x, causal=causal)[0]
+                x = block(x, causal=causal, attention_mask=attention_mask)[0]
         if cache is not None:
             cache.offset += T
         return self.final_norm(x)
@@ -198,8 +221,9 @@ class LanguageModel(nn.Module):
         return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index,
                                     chunk=chunk, dispatch=dispatch)
 
-    def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True, cache=None) -> torch.Tensor:
-        h = self.hidden(idx, causal, cache)
+    def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True, cache=None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(idx, causal, cache, attention_mask)
         return self.logits(h) if head else h
 
     def compile_blocks(self) -> None:
