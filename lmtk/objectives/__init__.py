@@ -15,6 +15,7 @@ import abc
 import torch
 import torch.nn.functional as F
 
+from lmtk.data.tokenizer import require_special
 from lmtk.errors import UserError
 
 VAL_MASK_RATE = 0.15  # default of val.mask_rate: validation masks 15% whatever the training rate
@@ -53,8 +54,12 @@ class Objective(abc.ABC):
 
     def val_objectives(self, mask_rate: float = VAL_MASK_RATE) -> dict:
         """The causal and the masked reading of this model, reported at every validation; the
-        masked one masks `mask_rate` (val.mask_rate) of the tokens."""
-        return {"clm": CLM(self.cfg, self._tok), "mlm": MLM(self.cfg, self._tok, rate=mask_rate)}
+        masked one masks `mask_rate` (val.mask_rate) of the tokens (only with a tokenizer that has
+        a mask token: an imported GPT-2 tokenizer has none)."""
+        out = {"clm": CLM(self.cfg, self._tok)}
+        if getattr(self._tok, "mask_id", None) is not None:
+            out["mlm"] = MLM(self.cfg, self._tok, rate=mask_rate)
+        return out
 
     def loss(self, model, batch: torch.Tensor, gen: torch.Generator, frac: float = 0.0):
         """(mean loss, metrics). `frac` is the budget fraction used so far, for objectives
@@ -96,8 +101,17 @@ class MLM(Objective):
 
     def __init__(self, cfg, tok, rate: float | None = None):
         super().__init__(cfg, tok)
+        require_special(tok, "mask", f"objective={self.name} (masked prediction) puts in place of the tokens it hides")
         self.rate = cfg.mask_rate if rate is None else rate
         self.head_fraction = self.rate
+        # random replacements are drawn from the non-special ids: n_special.. when the specials
+        # are ids 0..n-1 (lmtk's tokenizers), else through a table (imported tokenizers)
+        specials = tok.special_ids
+        self.replace_ids = None
+        if specials != list(range(len(specials))):
+            keep = torch.ones(self.vocab, dtype=torch.bool)
+            keep[[i for i in specials if i < self.vocab]] = False
+            self.replace_ids = keep.nonzero().squeeze(1)
 
     def corrupt(self, batch, gen, rate: float | None = None, first: int = 0):
         """(corrupted batch, selected positions [B, k]); positions drawn from first..L-1."""
@@ -111,7 +125,11 @@ class MLM(Objective):
         rows = torch.arange(B, device=batch.device)[:, None]
         x[rows, pos[:, :n_mask]] = self.mask_id
         if n_rand:
-            rand = torch.randint(self.n_special, self.vocab, (B, n_rand), generator=gen, device=batch.device)
+            if self.replace_ids is None:
+                rand = torch.randint(self.n_special, self.vocab, (B, n_rand), generator=gen, device=batch.device)
+            else:
+                table = self.replace_ids.to(batch.device)
+                rand = table[torch.randint(0, len(table), (B, n_rand), generator=gen, device=batch.device)]
             x[rows, pos[:, n_mask : n_mask + n_rand]] = rand
         return x, pos
 
