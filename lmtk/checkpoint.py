@@ -230,4 +230,6 @@ def load_pretrained(path, root=None):
     model = build_model(ModelConfig.from_dict(meta["model"]))
     load_weights(model, ckpt)
     model.eval()
-    return model, Tokenizer.from_file(tokenizer_path(ckpt)), meta
+    # meta["specials"]: the tokenizer's special-token roles, where they were not lmtk's five
+    # (a model imported from Hugging Face, models/hf.py); absent: read from the tokenizer itself
+    return model, Tokenizer.from_file(tokenizer_path(ckpt), specials=meta.get("specials")), meta

@@ -131,6 +131,9 @@ def generate(
     if fill_mask:
         if "[MASK]" not in prompt:
             raise UserError("--fill-mask needs a prompt with [MASK] in it")
+        from lmtk.data.tokenizer import require_special
+
+        require_special(tok, "mask", "--fill-mask fills")
         parts = prompt.split("[MASK]")
         ids = []
         for i, part in enumerate(parts):

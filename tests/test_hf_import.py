@@ -526,3 +526,20 @@ def test_matches_transformers(kind, tmp_path):
             b.mixer.window = None
         with torch.no_grad():
             assert not torch.allclose(model.hidden(ids), out.hidden_states[-1], atol=1e-3)
+
+
+def test_an_imported_model_saved_as_a_checkpoint_loads_back_the_same(tmp_path):
+    """The finetune path: load_hf -> checkpoint.write (meta with the model and the tokenizer's
+    roles) -> load_pretrained gives the same logits and special tokens."""
+    from lmtk import checkpoint
+
+    model, tok, meta = load_hf(write_hf(tmp_path / "b", BERT_CFG, bert_weights(BERT_CFG, torch.Generator().manual_seed(0)), "wordpiece"))
+    add_special(model, tok, "<bos>")
+    ckpt = checkpoint.write(tmp_path / "ckpt", model, {}, {"model": model.cfg.to_dict(), "objective": meta["objective"],
+                                                          "specials": tok.specials}, tokenizer=tok.to_json(), config="")
+    again, tok2, meta2 = checkpoint.load_pretrained(ckpt)
+    assert tok2.specials == tok.specials and tok2.bos_id == tok.vocab_size - 1 and checkpoint.masked_shift(meta2) == 0
+    ids, types = _ids(96), _ids(2, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, causal=False, token_type_ids=types), model(ids, causal=False, token_type_ids=types),
+                                   rtol=0, atol=0)
