@@ -543,3 +543,38 @@ def test_an_imported_model_saved_as_a_checkpoint_loads_back_the_same(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids, causal=False, token_type_ids=types), model(ids, causal=False, token_type_ids=types),
                                    rtol=0, atol=0)
+
+
+def test_hf_name_downloads_through_huggingface_hub(tmp_path, monkeypatch):
+    """hf:<name>[@rev] goes to snapshot_download (faked here: tests stay offline), safetensors
+    first; a failure is one line."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    src = write_hf(tmp_path / "hub", GPT2_CFG, gpt2_weights(GPT2_CFG, torch.Generator().manual_seed(0)), "bytelevel")
+    calls = []
+
+    def fake(name, revision=None, allow_patterns=None):
+        calls.append((name, revision, tuple(allow_patterns)))
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    model, _, meta = load_hf("hf:someone/tiny-gpt2@v1")
+    assert meta["source"] == "hf:someone/tiny-gpt2@v1" and model.cfg.n_layers == 2
+    assert calls == [("someone/tiny-gpt2", "v1", calls[0][2])] and "model.safetensors" in calls[0][2]
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(UserError, match=r"^cannot download hf:someone/tiny-gpt2 from the Hugging Face hub: We couldn't connect") as err:
+        load_hf("hf:someone/tiny-gpt2")
+    assert "\n" not in str(err.value)
+
+
+def test_catalogue_documents_these_rows():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
+    rows = ["hf-no-directory", "hf-no-config", "hf-no-weights", "hf-no-tokenizer", "hf-unsupported-architecture",
+            "hf-unsupported-feature", "hf-weights-mismatch", "hf-download-failed", "tokenizer-lacks-special",
+            "add-special-without-role"]
+    assert [r for r in rows if f"`{r}` °" not in doc] == []
