@@ -360,6 +360,9 @@ def test_special_ids_are_read_not_assumed(tmp_path):
     assert gpt_tok.eos_id == gpt_tok.bos_id == gpt_tok.tk.get_vocab()["<|endoftext|>"]
     assert not gpt_tok.has_mask and not gpt_tok.has_pad and gpt_tok.pad_id is None
     assert meta["specials"] == {"unk": "<|endoftext|>", "bos": "<|endoftext|>", "eos": "<|endoftext|>"}
+    docs = ["the quick brown fox", "jumps  over\tthe lazy dog <|endoftext|> again"]
+    want = [i for d in docs for i in gpt_tok.encode(d) + [gpt_tok.eos_id]]
+    assert gpt_tok.exact_token_bytes and list(gpt_tok.encode_stream(docs)) == want  # the word-cache path
 
     _, llama_tok, _ = load_hf(write_hf(tmp_path / "l", LLAMA_CFG, llama_weights(LLAMA_CFG, torch.Generator().manual_seed(0)), "metaspace"))
     v = llama_tok.tk.get_vocab()
