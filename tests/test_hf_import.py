@@ -581,3 +581,24 @@ def test_catalogue_documents_these_rows():
             "hf-unsupported-feature", "hf-weights-mismatch", "hf-download-failed", "tokenizer-lacks-special",
             "add-special-without-role"]
     assert [r for r in rows if f"`{r}` °" not in doc] == []
+
+
+def test_train_masked_lm_with_gpt2s_tokenizer_is_one_line_before_any_run(tmp_path):
+    """`lmtk train objective=mlm tokenizer.path=<GPT-2's tokenizer.json>`: exit 2, one line, no run directory."""
+    import os
+    import subprocess
+    import sys
+
+    d = tmp_path / "g"
+    d.mkdir()
+    _write_tokenizer(d, "bytelevel")
+    (tmp_path / "text.txt").write_text("\n\n".join(TEXT * 4))
+    env = dict(os.environ, LMTK_RUNS=str(tmp_path / "runs"), LMTK_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "lmtk", "train", "objective=mlm", f"tokenizer.path={d / 'tokenizer.json'}",
+                        "data=text", f"data.train={tmp_path / 'text.txt'}", "data.seq_len=16", "model.d_model=16",
+                        "model.n_layers=1", "model.n_heads=2", "budget.hours=null", "budget.steps=1", "run.name=mlm"],
+                       env=env, capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: the tokenizer has no mask token, which objective=mlm") and "Traceback" not in p.stderr
+    assert not (tmp_path / "runs" / "mlm").exists()

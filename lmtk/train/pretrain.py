@@ -150,6 +150,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "model.vocab_size", mcfg.vocab_size)
     _check_mixer_reads_both_ways(cfg, mcfg)
+    build_objective(cfg.objective, tok)  # refuses what the tokenizer lacks (a mask token) before any run directory
     data_meta = {"train_tokens": int(cache.meta["train_tokens"]), "val_tokens": int(cache.meta["val_tokens"])}
     # checks that refuse a resume before any run directory is created or changed
     same = ckpt is not None and resume.same_run(cfg, name, ckpt)
