@@ -387,6 +387,14 @@ def test_masked_objective_on_a_tokenizer_without_mask_is_one_line(tmp_path):
     with pytest.raises(UserError, match="the tokenizer has no mask token, which objective=mlm"):
         MLM(cfg, tok)
     assert set(CLM(cfg, tok).val_objectives()) == {"clm"}  # validation reports the causal reading alone
+    # BERT's tokenizer has its mask; random replacements skip the special ids wherever they are
+    _, bert_tok, _ = load_hf(write_hf(tmp_path / "b", BERT_CFG, bert_weights(BERT_CFG, torch.Generator().manual_seed(0)), "wordpiece"))
+    assert bert_tok.special_ids != list(range(5))
+    mlm = MLM(SimpleNamespace(mask_rate=0.5, mask_token_frac=0.0, random_token_frac=1.0), bert_tok)
+    batch = torch.full((64, 32), bert_tok.tk.get_vocab()["the"])
+    x, pos = mlm.corrupt(batch, torch.Generator().manual_seed(0))
+    drawn = set(x.gather(1, pos).flatten().tolist())
+    assert not drawn & set(bert_tok.special_ids) and len(drawn) > 40 and max(drawn) < bert_tok.vocab_size
 
 
 def test_add_special_grows_the_embedding_and_keeps_old_logits(tmp_path):

@@ -128,7 +128,9 @@ class MLM(Objective):
             if self.replace_ids is None:
                 rand = torch.randint(self.n_special, self.vocab, (B, n_rand), generator=gen, device=batch.device)
             else:
-                table = self.replace_ids.to(batch.device)
+                if self.replace_ids.device != batch.device:  # moved once, not every step
+                    self.replace_ids = self.replace_ids.to(batch.device)
+                table = self.replace_ids
                 rand = table[torch.randint(0, len(table), (B, n_rand), generator=gen, device=batch.device)]
             x[rows, pos[:, n_mask : n_mask + n_rand]] = rand
         return x, pos
