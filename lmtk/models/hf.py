@@ -22,7 +22,6 @@ dropped and named in meta["dropped"]."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
