@@ -1,7 +1,9 @@
 """Tokenizers trained with `tokenizers`: byte-level BPE (GPT) or WordPiece (BERT).
 
-Every tokenizer has the same five special tokens at ids 0-4, so objectives can rely on
-[PAD], [MASK] and the document separator [SEP] whatever the kind.
+Tokenizers lmtk trains have the five special tokens [PAD] [UNK] [CLS] [SEP] [MASK] (at ids
+0-4); a tokenizer that comes from elsewhere (a Hugging Face checkpoint, tokenizer.path) keeps its
+own. The ids are read from the vocabulary by name (ALIASES), never assumed: a special token the
+tokenizer lacks is None, and what needs it says so in one line (Tokenizer.require).
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ import numpy as np
 from lmtk.errors import UserError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Spellings of each special token, lmtk's (BERT's) first: RoBERTa/BART use <s> </s> <pad> <mask>,
+# GPT-2 one <|endoftext|> for everything it has.
+ALIASES = {
+    "pad": ("[PAD]", "<pad>", "<|pad|>"),
+    "unk": ("[UNK]", "<unk>", "<|unk|>"),
+    "cls": ("[CLS]", "<s>", "<cls>", "<|startoftext|>"),
+    "eos": ("[SEP]", "</s>", "<sep>", "<|endoftext|>", "<eos>"),
+    "mask": ("[MASK]", "<mask>", "<|mask|>"),
+}
 
 
 def cache_root() -> Path:
@@ -29,13 +40,22 @@ class Tokenizer:
     def __init__(self, tk):
         self.tk = tk
         vocab = tk.get_vocab()
-        missing = [s for s in SPECIALS if s not in vocab]
-        if missing:
-            raise UserError(f"tokenizer lacks special tokens {missing}; train one with lmtk or add them")
-        self.pad_id, self.unk_id, self.cls_id, self.eos_id, self.mask_id = (vocab[s] for s in SPECIALS)
+        ids = {role: next((vocab[a] for a in names if a in vocab), None) for role, names in ALIASES.items()}
+        self.pad_id, self.unk_id, self.cls_id, self.eos_id, self.mask_id = (ids[r] for r in ("pad", "unk", "cls", "eos", "mask"))
         self.vocab_size = tk.get_vocab_size()
-        self.special_ids = sorted(vocab[s] for s in SPECIALS)
+        added = {t.content for t in getattr(tk, "get_added_tokens_decoder", dict)().values() if getattr(t, "special", False)}
+        self.special_ids = sorted({i for i in ids.values() if i is not None} | {vocab[t] for t in added if t in vocab})
         self._words = None  # lmtk.data.wordcache.WordCache once encode_stream needs it (False: unsupported)
+
+    TOKEN_NAMES = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "eos": "[SEP]", "mask": "[MASK]"}
+
+    def require(self, *roles: str, why: str) -> None:
+        """One-line error when the tokenizer lacks a special token `why` needs (roles: pad, unk,
+        cls, eos, mask), e.g. masked LM on a tokenizer without [MASK]."""
+        missing = [self.TOKEN_NAMES[r] for r in roles if getattr(self, f"{r}_id") is None]
+        if missing:
+            raise UserError(f"{why} needs the special token{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
+                            "which this tokenizer lacks; use a tokenizer that has it (lmtk's have all five)")
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
@@ -161,8 +181,9 @@ class Tokenizer:
         whitespace and normalises), which is why bits-per-byte uses encode_stream(with_bytes=True)."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
         byte_level = type(self.tk.pre_tokenizer).__name__ == "ByteLevel"
+        specials = set(self.special_ids)
         for tok, i in self.tk.get_vocab().items():
-            if tok in SPECIALS:
+            if i in specials or i >= self.vocab_size:
                 continue
             if byte_level:
                 out[i] = len(tok)  # byte-level alphabet: one character per byte
@@ -222,7 +243,9 @@ def get_tokenizer(cfg, source, runs_root: Path) -> tuple[Tokenizer, bool]:
 
     Returns (tokenizer, trained_now)."""
     if cfg.path:
-        return Tokenizer.from_file(resolve_tokenizer_path(cfg.path, runs_root)), False
+        tok = Tokenizer.from_file(resolve_tokenizer_path(cfg.path, runs_root))
+        tok.require("eos", why="pretraining (documents are separated by [SEP])")
+        return tok, False
     key = hashlib.sha256(repr((source.fingerprint(), cfg.kind, cfg.vocab_size, cfg.train_chars, cfg.lowercase)).encode())
     cached = cache_root() / "tokenizers" / f"{key.hexdigest()[:16]}.json"
     if cached.is_file():

@@ -32,7 +32,14 @@ class Objective(abc.ABC):
         self._tok = tok
         self.vocab = tok.vocab_size
         self.mask_id = tok.mask_id
-        self.n_special = len(tok.special_ids)
+        specials = list(tok.special_ids)
+        # random replacement tokens: ids n_special.. when the specials are 0..n-1 (lmtk's tokenizers);
+        # otherwise drawn from a table of the ordinary ids (a tokenizer from elsewhere keeps its ids)
+        self.n_special = len(specials) if specials == list(range(len(specials))) else None
+        self.ordinary_ids = None if self.n_special is not None else torch.tensor(
+            sorted(set(range(self.vocab)) - set(specials)), dtype=torch.long)
+        if self.bidirectional and hasattr(tok, "require"):
+            tok.require("mask", why=f"objective={self.name} (masked LM)")
         # training loss through model.head_loss (fused, chunked head + cross-entropy) unless
         # objective.fused_head=false; validation always runs the plain head (it needs per-target nll)
         self.fused_head = bool(getattr(cfg, "fused_head", True))
@@ -111,7 +118,11 @@ class MLM(Objective):
         rows = torch.arange(B, device=batch.device)[:, None]
         x[rows, pos[:, :n_mask]] = self.mask_id
         if n_rand:
-            rand = torch.randint(self.n_special, self.vocab, (B, n_rand), generator=gen, device=batch.device)
+            if self.n_special is not None:
+                rand = torch.randint(self.n_special, self.vocab, (B, n_rand), generator=gen, device=batch.device)
+            else:
+                table = self.ordinary_ids.to(batch.device)
+                rand = table[torch.randint(0, len(table), (B, n_rand), generator=gen, device=batch.device)]
             x[rows, pos[:, n_mask : n_mask + n_rand]] = rand
         return x, pos
 
