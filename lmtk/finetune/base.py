@@ -54,6 +54,8 @@ def resolve_base(spec, root) -> Base:
     p = p.resolve()
     if _is_lmtk(p):
         return _lmtk_base(p)
+    if (p / "adapter.json").is_file():
+        return _adapter_base(p, root)
     if (p / "config.json").is_file():
         return _hf_base(p)
     raise UserError(f"base={spec} is not a model: {p} has no lmtk checkpoint (meta.json, checkpoints/) "
@@ -100,6 +102,24 @@ def _lmtk_base(p: Path) -> Base:
     tok = Tokenizer.from_file(checkpoint.tokenizer_path(ckpt))
     return Base(lm=lm, tok=tok, meta=meta, path=str(p), kind="lmtk", ckpt=ckpt, encoder=encoder, objective=objective,
                 added_biases=added)
+
+
+def _adapter_base(p: Path, root) -> Base:
+    """An adapter directory alone (adapter.safetensors + adapter.json): loaded onto the base its
+    adapter.json names, which must be the base it was trained on; then merged."""
+    from lmtk import peft
+    from lmtk.finetune.model import build_task_model
+
+    meta = peft.read_adapter(p)
+    base = resolve_base(meta["base"]["path"], root)
+    model = peft.load_adapter(base.lm, p, build_head=build_task_model)  # BitFit's biases: added again by its method
+    peft.merge(model)
+    lm = model.lm if hasattr(model, "lm") else model
+    for prm in lm.parameters():
+        prm.requires_grad_(True)
+    base.path, base.ckpt = str(p), None
+    base.added_biases = list(meta.get("added_biases", base.added_biases))
+    return base
 
 
 def rebuild(lm, ft: dict):

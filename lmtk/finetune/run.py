@@ -237,7 +237,7 @@ def _train(cfg, rundir, base, model, info, task, data, dev, dtype, ckpt, dist, d
 def adapter_meta(ft_meta: dict, base: Base, cfg) -> dict:
     return {
         "format": 1, "method": ft_meta["peft"]["method"], "peft": ft_meta["peft"], "head": ft_meta["head"],
-        "skip": ft_meta["skip"], "task": ft_meta["task"],
+        "skip": ft_meta["skip"], "task": ft_meta["task"], "added_biases": ft_meta["added_biases"],
         "base": {"path": base.path, "fingerprint": ft_meta["base_fingerprint"], "model": base.lm.cfg.to_dict()},
     }
 
