@@ -319,3 +319,30 @@ def test_mlm_random_tokens_avoid_specials_anywhere():
     x, pos = obj.corrupt(batch, torch.Generator().manual_seed(0))
     replaced = x.gather(1, pos)
     assert not torch.isin(replaced, torch.tensor([0, 1, 2, 7])).any()
+
+
+# ---- the one base resolver ---------------------------------------------------------------------
+
+
+def test_hf_base_goes_through_load_hf_or_says_the_import_is_absent(tmp_path, monkeypatch):
+    """resolve_base: a directory with config.json (and no lmtk checkpoint) is a Hugging Face model,
+    loaded by lmtk.models.hf.load_hf; without that module, one line says so."""
+    import sys
+    import types
+
+    from lmtk.finetune.base import resolve_base
+
+    hf = tmp_path / "hf-bert"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "lmtk.models.hf", None)  # the import fails
+    with pytest.raises(UserError, match="is a Hugging Face model directory, but this lmtk has no Hugging Face import") as e:
+        resolve_base(str(hf), tmp_path / "runs")
+    assert "\n" not in str(e.value)
+
+    lm, seen = tiny(), []
+    fake = types.ModuleType("lmtk.models.hf")
+    fake.load_hf = lambda path: (seen.append(path), (lm, "TOK", {"objective": "mlm"}))[1]
+    monkeypatch.setitem(sys.modules, "lmtk.models.hf", fake)
+    base = resolve_base(str(hf), tmp_path / "runs")
+    assert seen == [hf.resolve()] and base.lm is lm and base.tok == "TOK" and base.kind == "hf" and base.encoder
