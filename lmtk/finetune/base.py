@@ -1,6 +1,7 @@
 """The base of a fine-tuning run, resolved in ONE place (resolve_base): an lmtk run or
-checkpoint directory (or a run name in the runs directory), else a Hugging Face model directory
-through lmtk.models.hf.load_hf(path) -> (model, tokenizer, meta).
+checkpoint directory (or a run name in the runs directory, or an adapter directory), else a
+Hugging Face model directory (or hf:<name>) through lmtk.models.hf.load_hf(path) -> (model,
+tokenizer, meta); meta["objective"]["name"] (mlm | clm) or meta["causal"] says how to read it.
 
 A fine-tuning run is a base like any other: its model is rebuilt (base architecture, the biases
 BitFit added, its PEFT layers and head), loaded, LoRA merged into the weights and the task head
@@ -45,6 +46,8 @@ def resolve_base(spec, root) -> Base:
 
     if not spec:
         raise UserError("lmtk finetune needs base=RUN: a run name, a run or checkpoint directory, or a Hugging Face model directory")
+    if str(spec).startswith("hf:"):  # hf:<name>[@revision]: the Hugging Face import downloads it
+        return _hf_base(str(spec))
     p = Path(str(spec)).expanduser()
     if not p.exists() and root is not None and (runs_root(root) / str(spec)).exists():
         p = runs_root(root) / str(spec)
@@ -150,7 +153,7 @@ def _add_named_biases(lm, names) -> None:
             m.bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype))
 
 
-def _hf_base(p: Path) -> Base:
+def _hf_base(p) -> Base:
     try:
         from lmtk.models.hf import load_hf
     except ImportError:
