@@ -213,3 +213,21 @@ def test_glue_task_through_datasets(world, lmtk_env, monkeypatch):
     ev = json.loads((lmtk_env.runs / "mrpc" / "eval" / "finetune.json").read_text())
     assert ev["task"] == "glue/mrpc" and ev["metrics"] == ["f1", "accuracy"] and ev["samples"] == 32
     assert ev["scores"]["score"] == ev["scores"]["f1"]
+
+
+def test_two_ranks_equal_one_process(world, lmtk_env):
+    """launcher.nproc=2 (DDP on gloo), micro-batches of 4 in a batch of 16: each rank accumulates 2,
+    and the example-count weights are over the step's total on both ranks."""
+    common = [f"base={world['gpt']}", *task_args(world), "peft=lora", "head.dropout=0", "budget.epochs=null", "budget.steps=4",
+              "train.micro_batch_size=4", "logger.every=1"]
+    one = helpers.lmtk("finetune", *common, "run.name=one", timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = helpers.lmtk("finetune", *common, "run.name=two", "launcher.nproc=2", env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    la = [m["loss"] for m in helpers.metrics(lmtk_env.runs / "one") if "loss" in m]
+    lb = [m["loss"] for m in helpers.metrics(lmtk_env.runs / "two") if "loss" in m]
+    assert len(la) == 4 and all(abs(x - y) < 1e-5 for x, y in zip(la, lb)), (la, lb)
+    wa = load_file(str(lmtk_env.runs / "one/checkpoints/final/model.safetensors"))
+    wb = load_file(str(lmtk_env.runs / "two/checkpoints/final/model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert "x 2 ranks" in helpers.info(lmtk_env.runs / "two")["device"]
