@@ -227,7 +227,12 @@ def load_pretrained(path, root=None):
         final = RunDir(p).ckpt_dir / "final"
         ckpt = final if is_checkpoint(final) else resolve(p)
     meta = verify(ckpt)
-    model = build_model(ModelConfig.from_dict(meta["model"]))
-    load_weights(model, ckpt)
+    if meta.get("finetune"):  # a fine-tuning run: its PEFT layers merged, its task head dropped
+        from lmtk.finetune.base import load_language_model
+
+        model = load_language_model(ckpt, meta)[0]
+    else:
+        model = build_model(ModelConfig.from_dict(meta["model"]))
+        load_weights(model, ckpt)
     model.eval()
     return model, Tokenizer.from_file(tokenizer_path(ckpt)), meta

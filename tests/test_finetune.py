@@ -183,6 +183,12 @@ def test_lora_continued_lm_training_on_text_lowers_loss(clm_run, lmtk_env, tmp_p
         assert torch.equal(tuned[k], v), f"base weight {k} changed under LoRA"
     assert any(k.endswith("lora_b") for k in tuned) and (run / "adapter.safetensors").is_file()
     assert helpers.info(run)["summary"]["trainable_fraction"] < 0.2
+    # the run loads like any other (LoRA merged): what `lmtk generate` and evaluation read
+    from lmtk.checkpoint import load_pretrained
+
+    model, tok, _ = load_pretrained(run)
+    assert not any("lora" in k for k in model.state_dict())
+    assert helpers.cli("generate", str(run), "-p", "good", "-n", "5").exit_code == 0
 
 
 def test_glue_task_through_datasets(world, lmtk_env, monkeypatch):

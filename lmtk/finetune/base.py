@@ -67,7 +67,6 @@ def resolve_base(spec, root) -> Base:
 
 def _lmtk_base(p: Path) -> Base:
     from lmtk.data.tokenizer import Tokenizer
-    from lmtk.models import ModelConfig, build_model
     from lmtk.runs import RunDir
 
     if checkpoint.is_checkpoint(p):
@@ -84,24 +83,13 @@ def _lmtk_base(p: Path) -> Base:
     meta = checkpoint.verify(ckpt)
     if not meta.get("model"):
         raise UserError(f"base checkpoint {ckpt} has no model config in meta.json; it is not an lmtk model checkpoint")
-    lm = build_model(ModelConfig.from_dict(meta["model"]))
+    lm, added = load_language_model(ckpt, meta)
     ft = meta.get("finetune")
-    added = []
-    if ft:  # a fine-tuning run: rebuild what it trained, load, merge, keep the language model
-        model, added = rebuild(lm, ft)
-        checkpoint.load_weights(model, ckpt)
-        from lmtk import peft
-
-        peft.merge(model)
-        lm = model.lm if hasattr(model, "lm") else model
-        for prm in lm.parameters():
-            prm.requires_grad_(True)
+    if ft:
         encoder, objective = bool(ft.get("encoder")), ft.get("base_objective")
     else:
-        checkpoint.load_weights(lm, ckpt)
         objective = checkpoint.objective_name(meta)
         encoder = objective == "mlm"
-    lm.eval()
     tok = Tokenizer.from_file(checkpoint.tokenizer_path(ckpt))
     return Base(lm=lm, tok=tok, meta=meta, path=str(p), kind="lmtk", ckpt=ckpt, encoder=encoder, objective=objective,
                 added_biases=added)
@@ -123,6 +111,29 @@ def _adapter_base(p: Path, root) -> Base:
     base.path, base.ckpt = str(p), None
     base.added_biases = list(meta.get("added_biases", base.added_biases))
     return base
+
+
+def load_language_model(ckpt: Path, meta: dict):
+    """(LanguageModel in eval mode, biases BitFit added along the way) from a checkpoint: a
+    pretraining one as it is; a fine-tuning one rebuilt (its PEFT layers, head), loaded, LoRA merged
+    into the weights and the task head dropped (checkpoint.load_pretrained uses this too, so
+    `lmtk generate` and evaluation take fine-tuning runs)."""
+    from lmtk import peft
+    from lmtk.models import ModelConfig, build_model
+
+    lm = build_model(ModelConfig.from_dict(meta["model"]))
+    ft = meta.get("finetune")
+    added = []
+    if ft:
+        model, added = rebuild(lm, ft)
+        checkpoint.load_weights(model, ckpt)
+        peft.merge(model)
+        lm = model.lm if hasattr(model, "lm") else model
+        for prm in lm.parameters():
+            prm.requires_grad_(True)
+    else:
+        checkpoint.load_weights(lm, ckpt)
+    return lm.eval(), added
 
 
 def rebuild(lm, ft: dict):
