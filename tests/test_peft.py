@@ -346,3 +346,54 @@ def test_hf_base_goes_through_load_hf_or_says_the_import_is_absent(tmp_path, mon
     monkeypatch.setitem(sys.modules, "lmtk.models.hf", fake)
     base = resolve_base(str(hf), tmp_path / "runs")
     assert seen == [hf.resolve()] and base.lm is lm and base.tok == "TOK" and base.kind == "hf" and base.encoder
+
+
+def test_lora_bias_all_trains_biases_too():
+    model = tiny(bias=True)
+    peft.apply(model, _cfg(bias="all"))
+    train = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, _ in model.named_parameters() if n.endswith(".bias")} <= train
+    assert any(n.endswith("lora_a") for n in train) and not any(n.endswith(".weight") for n in train)
+
+
+# ---- local task files ----------------------------------------------------------------------------
+
+
+def _task_cfg(**kw):
+    base = {"source": "local", "name": None, "train": None, "val": None, "split": "train", "val_split": "validation",
+            "text": "sentence", "text_pair": None, "label": "label", "kind": "auto", "num_labels": None,
+            "metrics": ["accuracy"], "max_len": 8, "val_fraction": 0.25, "max_examples": None}
+    return OmegaConf.create({**base, **kw})
+
+
+def test_local_tasks_csv_jsonl_pairs_regression_and_padding(tmp_path):
+    import json as _json
+
+    from lmtk.finetune.tasks import load_task
+
+    tok = _tokenizer(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text('q,a,score\n"the cat, sat",on the mat,0.5\nthe mat,the cat sat on the mat the cat,1.25\n'
+                        "cat,mat,2.0\nsat,on,3.5\n")
+    task = load_task(_task_cfg(train=str(csv_path), text="q", text_pair="a", label="score"), tok, seed=0, encoder=True)
+    assert task.kind == "regression" and task.metrics == ["pearson", "spearman"] and task.num_outputs == 1
+    assert task.train.n == 3 and task.val.n == 1  # a quarter held out
+    ids = task.train.ids + task.val.ids
+    assert all(r[0] == tok.cls_id and r.count(tok.eos_id) == 2 and len(r) <= 8 for r in ids)  # [CLS] a [SEP] b [SEP], truncated
+    b = task.train.get(0, 3)
+    assert b["input_ids"].shape[1] == max(len(task.train.ids[task.train.example(s)]) for s in range(3))
+    for row, m in zip(b["input_ids"], b["attention_mask"]):  # right padding with the tokenizer's [PAD] id
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any() and (row[n:] == tok.pad_id).all()
+    assert b["labels"].dtype == torch.float32
+
+    jl = tmp_path / "t.jsonl"
+    jl.write_text("".join(_json.dumps({"text": t, "y": y}) + "\n" for t, y in [("the cat", "pet"), ("the mat", "thing")] * 4))
+    dev = tmp_path / "d.jsonl"
+    dev.write_text(_json.dumps({"text": "cat", "y": "pet"}) + "\n")
+    task = load_task(_task_cfg(train=str(jl), val=str(dev), text="text", label="y", metrics=["f1", "matthews"]), tok, 0, False)
+    assert task.kind == "classification" and task.classes == ["pet", "thing"] and task.val.labels.tolist() == [0]
+    assert all(r[-1] == tok.eos_id and tok.cls_id not in r for r in task.train.ids)  # causal: a [SEP], no [CLS]
+    # sample s is always the same example: the data position is one integer
+    assert [task.train.example(s) for s in range(20)] == [task.train.example(s) for s in range(20)]
+    assert sorted(task.train.example(s) for s in range(8)) == list(range(8))
