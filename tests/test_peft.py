@@ -397,3 +397,16 @@ def test_local_tasks_csv_jsonl_pairs_regression_and_padding(tmp_path):
     # sample s is always the same example: the data position is one integer
     assert [task.train.example(s) for s in range(20)] == [task.train.example(s) for s in range(20)]
     assert sorted(task.train.example(s) for s in range(8)) == list(range(8))
+
+
+def test_resume_refuses_another_base(tmp_path):
+    import json as _json
+
+    from lmtk.finetune.run import _check_resume_base
+
+    ck = tmp_path / "step-000007"
+    ck.mkdir()
+    (ck / "meta.json").write_text(_json.dumps({"finetune": {"base": "/runs/bert", "base_fingerprint": "aaaa"}}))
+    _check_resume_base(ck, "aaaa", None)  # the same base: fine
+    with pytest.raises(UserError, match=r"it fine-tuned another base \(/runs/bert\); pass base=/runs/bert"):
+        _check_resume_base(ck, "bbbb", None)
