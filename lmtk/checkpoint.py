@@ -227,8 +227,13 @@ def load_pretrained(path, root=None):
         final = RunDir(p).ckpt_dir / "final"
         ckpt = final if is_checkpoint(final) else resolve(p)
     meta = verify(ckpt)
-    model = build_model(ModelConfig.from_dict(meta["model"]))
-    load_weights(model, ckpt)
+    if meta.get("finetune"):  # a fine-tuning run: its PEFT layers merged, its task head dropped
+        from lmtk.finetune.base import load_language_model
+
+        model = load_language_model(ckpt, meta)[0]
+    else:
+        model = build_model(ModelConfig.from_dict(meta["model"]))
+        load_weights(model, ckpt)
     model.eval()
     # meta["specials"]: the tokenizer's special-token roles, where they were not lmtk's five
     # (a model imported from Hugging Face, models/hf.py); absent: read from the tokenizer itself

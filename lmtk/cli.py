@@ -50,6 +50,28 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
     run(cfg, recipe, overrides)
 
 
+@app.command(context_settings={"ignore_unknown_options": True})
+def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] base=RUN [task=glue/sst2 | task=local ...] [peft=full|bitfit|lora] [key=value ...]",
+                                                         metavar="[RECIPE] [OVERRIDES]...")):
+    """Fine-tune a run (or a Hugging Face model) on a task or on text: full, BitFit or LoRA."""
+    from lmtk.config import compose
+    from lmtk.finetune.run import run
+
+    recipe, overrides = _split(args)
+    if recipe == "default":
+        recipe = "finetune"
+    cfg = compose(recipe, overrides)
+    if cfg.launcher.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from lmtk import device as devices
+        from lmtk.launch import launch
+        from lmtk.train.pretrain import check_parallel
+
+        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)[1])
+        rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
+        raise typer.Exit(launch(cfg.launcher.nproc, ["finetune", recipe, *rest]))
+    run(cfg, recipe, overrides)
+
+
 @app.command()
 def recipes():
     """List the recipes shipped with lmtk."""

@@ -37,7 +37,26 @@ def world(tmp_path_factory):
     (d / "binary.txt").write_bytes(b"\x00\x01\x02" * 1000)
     (d / "short.txt").write_text("just a few words\n")
     (d / "rows.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    (d / "task.tsv").write_text("sentence\tlabel\n" + "".join(f"a {w} film\t{y}\n" for w, y in [("good", "pos"), ("bad", "neg")] * 8))
+    (d / "odd.tsv").write_text("sentence\tlabel\na fine film\tmeh\n")
+    _adapter_on_changed_base(base, d / "adapter")
     return base, env
+
+
+def _adapter_on_changed_base(base, dest):
+    """A LoRA adapter whose adapter.json names run 'done' as its base, but whose base weights
+    were others (a fingerprint that is not done's): what an adapter on the wrong base looks like."""
+    from omegaconf import OmegaConf
+
+    from lmtk import peft
+    from lmtk.finetune.base import resolve_base
+
+    b = resolve_base(str(base / "runs" / "done"), None)
+    cfg = OmegaConf.create({"method": "lora", "r": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["*mixer.*"], "rslora": False,
+                            "dora": False, "bias": "none", "biases": ["*"], "add_biases": True})
+    peft.apply(b.lm, cfg)
+    peft.save_adapter(b.lm, dest, {"peft": OmegaConf.to_container(cfg), "head": None, "skip": [],
+                                   "base": {"path": str(base / "runs" / "done"), "fingerprint": "0" * 16, "model": b.lm.cfg.to_dict()}})
 
 
 def _digest(run: Path) -> str:
@@ -47,6 +66,8 @@ def _digest(run: Path) -> str:
             h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()
 
+
+FT = ["task=local", "task.train={base}/data/task.tsv", "budget.epochs=1"]
 
 # (row id, lmtk arguments, fragment of the expected one-line message)
 ROWS = [
@@ -86,6 +107,15 @@ ROWS = [
     ("layers-recurrent-without-mixer", ["train", "model.layers=AR"], "has R layers but model.mixer is attention"),
     ("unknown-mixer-option", ["train", "model/mixer=gls"], "unknown option 'gls' for model/mixer"),
     ("unknown-mixer-key", ["train", "model.mixer.chunk=3"], "unknown config key 'model.mixer.chunk'"),
+    ("finetune-base-missing", ["finetune", "base={base}/runs/nope", *FT], "no run, checkpoint or model directory there"),
+    ("finetune-base-not-a-model", ["finetune", "base={base}/data", *FT], "is not a model"),
+    ("task-column-missing", ["finetune", "base=done", *FT, "task.text=review"], "has no column 'review' (task.text); its columns: sentence, label"),
+    ("task-label-not-a-number", ["finetune", "base=done", *FT, "task.kind=regression"], "has label 'pos', not a number (task.kind=regression)"),
+    ("task-label-not-a-class", ["finetune", "base=done", *FT, "task.val={base}/data/odd.tsv"], "has label 'meh', not one of the training classes (neg, pos)"),
+    ("lora-targets-match-nothing", ["finetune", "base=done", *FT, "peft=lora", "peft.targets=[*attn.q_proj]"],
+     "peft.targets=['*attn.q_proj'] match no linear layer of the model; its linear layers: lm.blocks.N.mixer.out"),
+    ("adapter-wrong-base", ["finetune", "base={base}/data/adapter", *FT], "was trained on another base (its weights differ"),
+    ("finetune-setting-in-train", ["train", "peft=lora"], "peft.method=lora is a fine-tuning setting: use lmtk finetune"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]

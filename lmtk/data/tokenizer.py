@@ -125,6 +125,11 @@ class Tokenizer:
         self._set_specials({**self.specials, role: token})
         return self.tk.get_vocab()[token]
 
+    def require(self, *roles: str, why: str) -> None:
+        """require_special for each role: a one-line error when the tokenizer lacks what `why` needs."""
+        for role in roles:
+            require_special(self, role, why)
+
     @classmethod
     def from_file(cls, path, specials: dict | None = None) -> "Tokenizer":
         from tokenizers import Tokenizer as TK
@@ -253,6 +258,7 @@ class Tokenizer:
         whitespace and normalises), which is why bits-per-byte uses encode_stream(with_bytes=True)."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
         byte_level = type(self.tk.pre_tokenizer).__name__ == "ByteLevel"
+        specials = set(self.special_ids)
         for tok, i in self.tk.get_vocab().items():
             if tok in self.special_tokens or tok in SPECIALS:
                 continue
@@ -314,7 +320,9 @@ def get_tokenizer(cfg, source, runs_root: Path) -> tuple[Tokenizer, bool]:
 
     Returns (tokenizer, trained_now)."""
     if cfg.path:
-        return Tokenizer.from_file(resolve_tokenizer_path(cfg.path, runs_root)), False
+        tok = Tokenizer.from_file(resolve_tokenizer_path(cfg.path, runs_root))
+        tok.require("eos", why="pretraining (documents are separated by [SEP])")
+        return tok, False
     key = hashlib.sha256(repr((source.fingerprint(), cfg.kind, cfg.vocab_size, cfg.train_chars, cfg.lowercase)).encode())
     cached = cache_root() / "tokenizers" / f"{key.hexdigest()[:16]}.json"
     if cached.is_file():

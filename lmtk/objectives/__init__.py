@@ -33,7 +33,7 @@ class Objective(abc.ABC):
         self._tok = tok
         self.vocab = tok.vocab_size
         self.mask_id = tok.mask_id
-        self.n_special = len(tok.special_ids)
+        self.n_special = len(tok.special_ids)  # lmtk's tokenizers: the specials are ids 0..n_special-1
         # training loss through model.head_loss (fused, chunked head + cross-entropy) unless
         # objective.fused_head=false; validation always runs the plain head (it needs per-target nll)
         self.fused_head = bool(getattr(cfg, "fused_head", True))

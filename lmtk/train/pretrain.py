@@ -113,8 +113,17 @@ def cpu_budget_note(cfg, dev: torch.device) -> str | None:
     )
 
 
+def refuse_finetune_settings(cfg) -> None:
+    """base=, task= and peft= belong to `lmtk finetune`; `lmtk train` would ignore them."""
+    for key, unset in (("base", None), ("task.source", "none"), ("peft.method", "full")):
+        if OmegaConf.select(cfg, key) != unset:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)} is a fine-tuning setting: use lmtk finetune (lmtk train pretrains)")
+
+
 def run(cfg, recipe: str, overrides: list[str]) -> dict:
     from lmtk import dist as distributed
+
+    refuse_finetune_settings(cfg)
 
     dev, dtype = devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)
     dist = distributed.init(dev.type, cfg.launcher.strategy)
