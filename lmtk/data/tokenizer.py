@@ -28,7 +28,7 @@ LMTK_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
 USUAL_NAMES = {
     "pad": ("[PAD]", "<pad>", "<|pad|>", "<|padding|>"),
     "unk": ("[UNK]", "<unk>", "<|unk|>"),
-    "cls": ("[CLS]", "<cls>"),
+    "cls": ("[CLS]", "<cls>", "<s>"),  # RoBERTa: <s> is its bos and cls
     "sep": ("[SEP]", "<sep>"),
     "mask": ("[MASK]", "<mask>", "<|mask|>"),
     "bos": ("<s>", "<|begin_of_text|>", "<|startoftext|>", "[BOS]", "<bos>"),
