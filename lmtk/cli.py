@@ -120,7 +120,7 @@ def runs(
             f"{r['steps']:,}" if r.get("steps") is not None else "-",
             f"{r['tokens']:,}" if r.get("tokens") is not None else "-",
             f"{vl:.4f}" if vl is not None else "-",
-            "  ".join(f"{suite} {h['score']} {h['value']:.4f}" for suite, h in (r.get("eval") or {}).items()) or "-",
+            ", ".join(f"{suite} {h['score']}={h['value']:.3f}" for suite, h in (r.get("eval") or {}).items()) or "-",
             r.get("created", "?"),
         )
     console.file = sys.stdout

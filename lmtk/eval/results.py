@@ -108,6 +108,8 @@ def tables(results: list[dict]) -> list:
         for n in names:
             t.add_column(n, justify="right")
         keys = list(dict.fromkeys(k for r in rs for k in r["scores"]))
+        if any(r["rows"] for r in rs):  # the rows table shows the breakdown; the json keeps every score
+            keys = [k for k in keys if "/" not in k] or keys
         for k in keys:
             t.add_row(k, *[fmt(r["scores"].get(k, "-")) for r in rs])
         t.add_row("samples", *[fmt(r["samples"]) for r in rs])
