@@ -156,3 +156,18 @@ def test_rolling_batched_over_texts_equals_one_by_one():
     for t, (s, n) in zip(ts, got):
         s1, n1 = scoring.rolling_logprob(model, t, stride=3)
         assert n == n1 == len(t) - 1 and s == pytest.approx(s1, abs=1e-4)
+
+
+def test_autocast_dtype_scores_close_to_fp32():
+    """Under bf16 autocast (a GPU's default precision) the blocks run in bf16 and the head in the
+    weights' dtype: the numbers stay close to fp32's (CPU autocast here)."""
+    model = tiny()
+    reqs = [(t[:2], t[2:]) for t in texts(4)]
+    ref = scoring.continuation_logprobs(model, reqs)
+    bf = scoring.continuation_logprobs(model, reqs, dtype=torch.bfloat16)
+    for (a, _), (b, _) in zip(ref, bf):
+        assert b == pytest.approx(a, rel=0.05, abs=0.2)
+    pll = scoring.pseudo_log_likelihoods(model, texts(2), mask_id=4, dtype=torch.bfloat16)
+    assert all(math.isfinite(x) for x in pll)
+    s, n = scoring.rolling_logprob(model, texts(1, 40, 41)[0], dtype=torch.bfloat16)
+    assert n == 39 and math.isfinite(s)

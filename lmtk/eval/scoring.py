@@ -39,9 +39,10 @@ def _head_logprobs(model, h: torch.Tensor, targets: torch.Tensor, chunk: int | N
     """(log p(target) [N] float64, target is the argmax [N] bool) for hidden rows h [N, d], the
     head run `chunk` rows at a time in float32."""
     chunk = chunk or CHUNK_ROWS
+    wdtype = next(model.parameters()).dtype  # h may be autocast's bf16/fp16: the head runs in the weights' dtype
     logp, greedy = [], []
     for s in range(0, h.shape[0], chunk):
-        logits = model.logits(h[s : s + chunk]).float()
+        logits = model.logits(h[s : s + chunk].to(wdtype)).float()
         t = targets[s : s + chunk]
         lp = F.log_softmax(logits, dim=-1)
         logp.append(lp.gather(-1, t[:, None]).squeeze(-1).double())
