@@ -269,6 +269,7 @@ def test_a_suite_not_merged_yet_says_so():
 
 def test_masked_readings_refused_for_a_causal_only_run(lmtk_env, tmp_path):
     helpers.train(*helpers.TINY, "budget.steps=1", "model/mixer=gla", "run.name=g")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"sentence_good": "a b", "sentence_bad": "b a"}) + "\n")
     for args, match in ((["ppl.pll=true"], "ppl.pll=true needs a masked"), (["suite=pairs", "pairs.method=pll", f"pairs.path={tmp_path}"],
                                                                               "pairs.method=pll needs a masked")):
         res = helpers.cli("eval", "g", *args)

@@ -11,6 +11,7 @@ Suite contract (every lmtk/eval/<suite>.py keeps it):
         "rows":    list of dicts, the table to print
         "notes":   list of one-line str
       (optional: "seed", the seed the numbers depend on when it is not the eval's `seed`)
+    def check(cfg: Config) -> None   optional: bad input found before any model is loaded
 
 `target` is lmtk.eval.target.Target (model in eval mode on its device, tokenizer, model_cfg,
 meta, device, dtype, name, seed, run_dir, checkpoint, run_cfg). A Config field named `data`

@@ -20,6 +20,9 @@ def run(specs: list[str], plan) -> list[dict]:
     if not specs:
         raise UserError("lmtk eval needs a run: lmtk eval RUN [RUN ...] [suite=ppl] (`lmtk runs` lists them)")
     mods = {s: suite_module(s) for s in plan.suites}  # a suite not available fails before any loading
+    for s, mod in mods.items():
+        if hasattr(mod, "check"):  # bad input (missing files, ...) fails before any model loads
+            mod.check(plan.configs[s])
     top = plan.top
     out = []
     for spec in specs:

@@ -130,6 +130,16 @@ def choose_method(target, method: str) -> str:
     return method
 
 
+def check(cfg: Config) -> None:
+    """Before any model loads: the method's name and that the pairs can be read (not the hub's)."""
+    if cfg.method not in METHODS:
+        from lmtk.errors import suggest
+
+        raise UserError(f"pairs.method={cfg.method} is not one of: {', '.join(METHODS)}{suggest(cfg.method, METHODS)}")
+    if not cfg.hf:
+        load_pairs(cfg)
+
+
 def run(target, cfg: Config) -> dict:
     method = choose_method(target, cfg.method)
     pairs = load_pairs(cfg)

@@ -103,6 +103,12 @@ def run(target, cfg: Config) -> dict:
     return {"scores": scores, "samples": samples, "rows": rows, "notes": notes, "seed": seed}
 
 
+def check(cfg: Config) -> None:
+    """Before any model loads: a data=... source that cannot be read."""
+    if cfg.data is not None:
+        _documents(None, cfg)  # the Source checks its files (missing, no match) when it is built
+
+
 def _ns(d):
     from types import SimpleNamespace
 
