@@ -40,6 +40,7 @@ def world(tmp_path_factory):
     (d / "task.tsv").write_text("sentence\tlabel\n" + "".join(f"a {w} film\t{y}\n" for w, y in [("good", "pos"), ("bad", "neg")] * 8))
     (d / "odd.tsv").write_text("sentence\tlabel\na fine film\tmeh\n")
     _adapter_on_changed_base(base, d / "adapter")
+    (d / "nopairs").mkdir()
     return base, env
 
 
@@ -116,6 +117,20 @@ ROWS = [
      "peft.targets=['*attn.q_proj'] match no linear layer of the model; its linear layers: lm.blocks.N.mixer.out"),
     ("adapter-wrong-base", ["finetune", "base={base}/data/adapter", *FT], "was trained on another base (its weights differ"),
     ("finetune-setting-in-train", ["train", "peft=lora"], "peft.method=lora is a fine-tuning setting: use lmtk finetune"),
+    ("eval-no-run", ["eval", "suite=ppl"], "lmtk eval needs a run: lmtk eval RUN"),
+    ("eval-run-not-found", ["eval", "nope"], "no run named 'nope'"),
+    ("eval-unknown-suite", ["eval", "done", "suite=ppll"], "unknown suite 'ppll' (did you mean: ppl"),
+    ("eval-unknown-key", ["eval", "done", "ppl.tokns=5"], "unknown config key 'ppl.tokns' (did you mean: ppl.tokens"),
+    ("eval-override-after-run", ["eval", "done", "suite=ppl", "other"], "override 'other' is not key=value"),
+    ("eval-ppl-data-file-missing", ["eval", "done", "data=text", "data.val={base}/data/nope.txt"], "data file not found"),
+    ("eval-ppl-data-val-unset", ["eval", "done", "data=text"], "data=text needs data.val=FILE"),
+    ("eval-pairs-path-unset", ["eval", "done", "suite=pairs"], "suite=pairs needs pairs.path=FILE_OR_FOLDER"),
+    ("eval-pairs-path-missing", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nope"], "no such file or folder"),
+    ("eval-pairs-no-jsonl", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nopairs"], "has no .jsonl files"),
+    ("eval-pairs-line-not-blimp", ["eval", "done", "suite=pairs", "pairs.path={base}/data/rows.jsonl"],
+     "rows.jsonl:1 has no 'sentence_good'"),
+    ("eval-pairs-bad-method", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nopairs", "pairs.method=ppl"],
+     "pairs.method=ppl is not one of: auto, causal, pll"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]
