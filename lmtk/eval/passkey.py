@@ -21,7 +21,7 @@ import torch
 
 from lmtk.errors import UserError
 
-INTRO = "A secret number is hidden in the text below. Find it and remember it, you will be asked for it."
+INTRO = "A secret number is hidden in the text below. Remember it."
 FILLER = (" The river runs past the old mill. Birds sing in the morning and rest at noon."
           " The road goes on over the hill and down again. A cart passes, then another.")
 NEEDLE = " The secret number is {key}. Remember it: {key}."
