@@ -130,7 +130,8 @@ class _Signals:
         if self.signum is None:
             self.signum, self.first_at = signum, time.monotonic()
             if self.main:
-                print("stopping after this step to write a checkpoint (signal again to exit at once)", file=sys.stderr, flush=True)
+                then = " to write a checkpoint" if self.job.checkpoints else ""
+                print(f"stopping after this step{then} (signal again to exit at once)", file=sys.stderr, flush=True)
             return
         if time.monotonic() - self.first_at < self.REPEAT_S:  # the same Ctrl-C, forwarded by torchrun
             return
