@@ -44,6 +44,8 @@ def test_overrides_reach_the_config():
 @pytest.mark.parametrize("override,message", [
     ("mqar.grid=huge", r"mqar.grid=huge is not one of: small, zoology"),
     ("mqar.steps=0", r"mqar.steps=0 must be at least 1"),
+    ("mqar.kv_pairs=[32]", r"mqar: kv_pairs=32 does not fit seq_len=64: .* lower mqar.kv_pairs or raise mqar.seq_lens"),
+    ("mqar.vocab_size=16", r"mqar.vocab_size=16 is too small for kv_pairs=16: .* at least 34"),
     ("passkey.trials=0", r"passkey.trials=0 must be at least 1"),
     ("passkey.depths=[2.0]", r"passkey.depths: 2.0 is not a fraction between 0 \(start\) and 1 \(end\)"),
     ("speed.train_steps=0", r"speed.train_steps=0 must be at least 1"),

@@ -93,9 +93,9 @@ def test_grids_and_errors():
     assert {L for L, _ in z} == {64, 128, 256, 512} and {kv for _, kv in z} == {4, 8, 16, 32, 64} and vz == 8192
     assert all(kv <= L // 4 for L, kv in z) and any("left out" in n for n in notes)
     with pytest.raises(UserError, match=r"kv_pairs=32 does not fit seq_len=64"):
-        suite.cells(suite.Config(seq_lens=[64], kv_pairs=[32]))
+        suite.Config(seq_lens=[64], kv_pairs=[32])
     with pytest.raises(UserError, match=r"mqar.vocab_size=16 is too small"):
-        suite.cells(suite.Config(seq_lens=[64], kv_pairs=[8], vocab_size=16))
+        suite.Config(seq_lens=[64], kv_pairs=[8], vocab_size=16)
     with pytest.raises(UserError, match=r"mqar.grid=big is not one of: small, zoology"):
         suite.Config(grid="big")
 
@@ -127,4 +127,4 @@ def test_a_tiny_attention_model_learns_the_task_well_above_chance():
     assert list(out["scores"])[:2] == ["accuracy", "chance"] and out["scores"]["chance"] == 1 / 32
     assert out["samples"] == 128 and row["steps"] == STEPS and row["accuracy"] == out["scores"]["seq64_kv4"]
     assert row["accuracy"] > 5 * out["scores"]["chance"], out
-    assert row["train_loss"] < 0.6 * math.log(32), out
+    assert row["train_loss"] < 0.7 * math.log(32), out  # the last tenth's mean

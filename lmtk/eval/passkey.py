@@ -152,4 +152,4 @@ def run(target, cfg: Config) -> dict:
     notes = [f"{cfg.trials} prompts per (length, depth), {cfg.digits}-digit keys, greedy decoding of {max_new} tokens, seed {seed}"]
     if past:
         notes.append(f"lengths past the model's context ({context} tokens): {', '.join(map(str, past))} (reported, not scored)")
-    return {"scores": scores, "samples": n, "rows": rows, "notes": notes}
+    return {"scores": scores, "samples": n, "rows": rows, "notes": notes, "seed": seed}
