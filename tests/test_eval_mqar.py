@@ -128,3 +128,20 @@ def test_a_tiny_attention_model_learns_the_task_well_above_chance():
     assert out["samples"] == 128 and row["steps"] == STEPS and row["accuracy"] == out["scores"]["seq64_kv4"]
     assert row["accuracy"] > 5 * out["scores"]["chance"], out
     assert row["train_loss"] < 0.7 * math.log(32), out  # the last tenth's mean
+
+
+def test_labelled_scores_only_the_query_positions():
+    """The objective's loss is the cross-entropy at the query positions alone, in order."""
+    from lmtk.models import build_model
+    from lmtk.objectives import Labelled
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32))
+    batch = MQARData(32, 4, 64, seed=0).get(0, 4)
+    obj = Labelled(4, 32)
+    h, t = obj.predict(model, batch)
+    assert h.shape == (4, 4, 32) and torch.equal(t, batch[:, 1][batch[:, 1] != IGNORE].reshape(4, 4))
+    with torch.no_grad():
+        logits = model(batch[:, 0])
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), batch[:, 1].reshape(-1), ignore_index=IGNORE)
+        assert torch.isclose(obj.loss(model, batch, None)[0], ref, atol=1e-5)

@@ -110,7 +110,7 @@ def train_config(cfg: Config, seq_len: int, steps: int, seed: int):
 
 def model_config(target, vocab_size: int, seq_len: int):
     """The run's ModelConfig with the task's vocabulary and the cell's length: width, depth and mixers kept."""
-    return dataclasses.replace(target.model_cfg, vocab_size=vocab_size, max_seq_len=seq_len, dropout=0.0)
+    return dataclasses.replace(target.model_cfg, vocab_size=vocab_size, max_seq_len=seq_len)
 
 
 @torch.no_grad()
