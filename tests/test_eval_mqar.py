@@ -101,7 +101,8 @@ def test_grids_and_errors():
 
 
 def tiny_target(mixer: str = "attention", **kw) -> SimpleNamespace:
-    mc = ModelConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4, positions="rope", rope_layout="half",
+    kw = {"n_heads": 4, **kw}
+    mc = ModelConfig(vocab_size=100, d_model=64, n_layers=2, positions="rope", rope_layout="half",
                      norm="rmsnorm", mlp="swiglu", bias=False, mixer={"name": mixer}, **kw)
     return SimpleNamespace(model=None, tokenizer=None, model_cfg=mc, meta={}, device=torch.device("cpu"), dtype=None,
                            name="tiny", seed=0)
@@ -112,22 +113,22 @@ def test_the_cell_model_is_the_runs_architecture_at_the_tasks_vocabulary():
     assert (mc.vocab_size, mc.max_seq_len, mc.d_model, mc.n_layers, mc.mixer["name"]) == (256, 64, 64, 2, "gla")
 
 
-# 200 steps of 32 sequences at lr 1e-2 reach the in-context level reliably (0.25-0.28 in every
-# try, seeds 0-2, lr 3e-3..1e-2); getting past it to recall takes thousands of steps (the
-# induction plateau: docs/DESIGN.md), which is the suite's budget, not a test's
-STEPS, LR, BATCH = 200, 1e-2, 32
+# One head of 64 dims: the induction circuit forms within ~300 steps (loss ~0.1 by step 300 at
+# lr 3e-3, batch 64); at 4 heads of 16 the same model sat on the 1/kv plateau (guessing one of
+# the sequence's own values) past 1,500 steps, as it does at lr 1e-2
+STEPS, LR, BATCH = 300, 3e-3, 64
 
 
-def test_a_tiny_attention_model_learns_the_task_well_above_chance():
-    """2 layers, d 64, seq 64, kv 4, through fit(): held-out accuracy far above chance (1/32:
-    one of the 32 values), and the training loss fell from ~log(32)."""
+def test_a_tiny_attention_model_learns_recall():
+    """2 layers, d 64, one head, seq 64, kv 4, through fit(): held-out accuracy far past chance
+    (1/32: one of the 32 values) and past the in-context guess (1/kv = 0.25)."""
     cfg = suite.Config(seq_lens=[64], kv_pairs=[4], vocab_size=64, steps=STEPS, lr=LR, batch_size=BATCH, test_sequences=128)
-    out = suite.run(tiny_target(), cfg)
+    out = suite.run(tiny_target(n_heads=1), cfg)
     row = out["rows"][0]
     assert list(out["scores"])[:2] == ["accuracy", "chance"] and out["scores"]["chance"] == 1 / 32
     assert out["samples"] == 128 and row["steps"] == STEPS and row["accuracy"] == out["scores"]["seq64_kv4"]
-    assert row["accuracy"] > 5 * out["scores"]["chance"], out
-    assert row["train_loss"] < 0.7 * math.log(32), out  # the last tenth's mean
+    assert row["accuracy"] > 0.8, out
+    assert row["train_loss"] < 0.25 * math.log(32), out  # the last tenth's mean
 
 
 def test_labelled_scores_only_the_query_positions():

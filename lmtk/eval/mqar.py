@@ -21,6 +21,7 @@ import torch
 
 from lmtk.data.synthetic import MQARData, mqar, mqar_fits
 from lmtk.errors import UserError
+from lmtk.schema import CHOICES
 
 # grid presets: sequence lengths x key-value pairs (cells with kv > seq/4 are left out), the
 # task's vocabulary and the training steps per cell
@@ -40,7 +41,8 @@ class Config:
     vocab_size: Optional[int] = None  # keys from the lower half, values from the upper half (null: the grid's)
     steps: Optional[int] = None  # optimizer steps per cell (null: the grid's)
     batch_size: int = 64  # sequences per step
-    lr: float = 3e-3  # peak learning rate (cosine schedule, warmup below)
+    lr: float = 3e-3  # peak learning rate
+    schedule: str = "constant"  # constant | cosine | triangle (lmtk's schedules), after the warmup
     warmup: float = 0.1  # share of the steps
     weight_decay: float = 0.1
     power_a: float = 0.01  # query gaps: weight (g+1)^(a-1); 1.0 uniform
@@ -51,6 +53,9 @@ class Config:
     def __post_init__(self):
         if self.grid not in GRIDS:
             raise UserError(f"mqar.grid={self.grid} is not one of: {', '.join(GRIDS)}")
+        schedules = CHOICES["schedule.name"]
+        if self.schedule not in schedules:
+            raise UserError(f"mqar.schedule={self.schedule} is not one of: {', '.join(schedules)}")
         for key in ("batch_size", "test_sequences"):
             if getattr(self, key) < 1:
                 raise UserError(f"mqar.{key}={getattr(self, key)} must be at least 1")
@@ -100,7 +105,7 @@ def train_config(cfg: Config, seq_len: int, steps: int, seed: int):
     c.budget.steps = steps
     c.train.batch_size = c.train.micro_batch_size = cfg.batch_size
     c.train.lr = cfg.lr
-    c.schedule.name, c.schedule.warmup = "cosine", cfg.warmup
+    c.schedule.name, c.schedule.warmup = cfg.schedule, cfg.warmup
     c.optim.weight_decay = cfg.weight_decay
     c.val.at_start, c.val.every = False, 0
     c.checkpoint.every = 0
