@@ -43,7 +43,7 @@ class Config:
     batch_size: int = 64  # sequences per step
     lr: float = 3e-3  # peak learning rate
     schedule: str = "constant"  # constant | cosine | triangle (lmtk's schedules), after the warmup
-    warmup: float = 0.1  # share of the steps
+    warmup: float = 0.5  # share of the steps the lr ramps up over (a slow ramp is what got past the plateau: DESIGN.md)
     weight_decay: float = 0.1
     power_a: float = 0.01  # query gaps: weight (g+1)^(a-1); 1.0 uniform
     random_filler: bool = False  # filler tokens random from the whole vocabulary (Zoology's generator default) instead of 0
