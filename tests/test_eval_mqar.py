@@ -88,7 +88,7 @@ def test_fit_rule():
 
 def test_grids_and_errors():
     cells, vocab, steps, notes = suite.cells(suite.Config())
-    assert cells == [(64, 4), (64, 8), (64, 16), (128, 4), (128, 8), (128, 16)] and vocab == 256
+    assert cells == [(64, 4), (64, 8), (64, 16), (128, 4), (128, 8), (128, 16)] and vocab == 64
     z, vz, _, notes = suite.cells(suite.Config(grid="zoology"))
     assert {L for L, _ in z} == {64, 128, 256, 512} and {kv for _, kv in z} == {4, 8, 16, 32, 64} and vz == 8192
     assert all(kv <= L // 4 for L, kv in z) and any("left out" in n for n in notes)

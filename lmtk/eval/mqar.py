@@ -27,7 +27,7 @@ from lmtk.schema import CHOICES
 # task's vocabulary and the training steps per cell
 GRIDS = {
     # CPU-sized: minutes for a 2-layer d 64 model
-    "small": dict(seq_lens=[64, 128], kv_pairs=[4, 8, 16], vocab_size=256, steps=400),
+    "small": dict(seq_lens=[64, 128], kv_pairs=[4, 8, 16], vocab_size=64, steps=400),
     # Zoology's figure-2 range (vocabulary 8192): a GPU's work
     "zoology": dict(seq_lens=[64, 128, 256, 512], kv_pairs=[4, 8, 16, 32, 64], vocab_size=8192, steps=4000),
 }
