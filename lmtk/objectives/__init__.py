@@ -152,3 +152,34 @@ def objective_class(name: str) -> type[Objective]:
 
 def build_objective(cfg, tok) -> Objective:
     return objective_class(cfg.name)(cfg, tok)
+
+
+class Labelled:
+    """Next-token prediction scored only where a label is given: batches are inputs and
+    targets stacked, [B, 2, L] (lmtk.data.synthetic.MQARData), and every row has the same
+    number of scored positions (targets other than IGNORE; MQAR: the kv query positions), so
+    the head runs on those rows alone, as MLM's sparse prediction does. For synthetic tasks
+    trained by eval suites (lmtk.eval.mqar); not a choice of objective= for `lmtk train`."""
+
+    name = "labelled"
+    masked_shift = 0
+    val_key = "labelled"
+    bidirectional = False
+
+    def __init__(self, scored_per_row: int, seq_len: int):
+        self.k = scored_per_row
+        self.head_fraction = scored_per_row / seq_len  # for FLOPs / MFU
+
+    def predict(self, model, batch: torch.Tensor):
+        """(hidden states [B, k, d] at the scored positions, their targets [B, k])."""
+        from lmtk.data.synthetic import IGNORE
+
+        inputs, targets = batch[:, 0], batch[:, 1]
+        h = model.hidden(inputs, causal=True)
+        # the k scored positions of each row, in order, without a host sync (nonzero() would sync)
+        pos = (targets != IGNORE).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : self.k]
+        return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])), targets.gather(1, pos)
+
+    def loss(self, model, batch: torch.Tensor, gen: torch.Generator, frac: float = 0.0):
+        h, targets = self.predict(model, batch)
+        return model.head_loss(h, targets), {}

@@ -55,7 +55,7 @@ class Job:
     cfg: Any
     model: torch.nn.Module
     objective: Any
-    train_data: Any  # Batches
+    train_data: Any  # Batches, or any source with .n (windows per epoch) and .get(start, count, pin) -> a batch with .to()
     val_data: Any  # Batches or None
     val_objectives: dict  # name -> objective, reported as val/<name>_loss and _bpb
     run: Any  # RunDir
@@ -71,6 +71,7 @@ class Job:
     validate: Any = None  # callable(model) -> {"val/...": value}; None: lm_metrics on val_data
     meta: dict = field(default_factory=dict)  # more keys for every checkpoint's meta.json (finetune: peft, task, head)
     seq_len: Any = None  # tokens per sample for FLOPs (None: data.seq_len)
+    checkpoints: bool = True  # False: train and return, writing nothing (an eval suite's training on synthetic data)
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -142,7 +143,8 @@ class _Signals:
         if self.signum is None:
             self.signum, self.first_at = signum, time.monotonic()
             if self.main:
-                print("stopping after this step to write a checkpoint (signal again to exit at once)", file=sys.stderr, flush=True)
+                then = " to write a checkpoint" if self.job.checkpoints else ""
+                print(f"stopping after this step{then} (signal again to exit at once)", file=sys.stderr, flush=True)
             return
         if time.monotonic() - self.first_at < self.REPEAT_S:  # the same Ctrl-C, forwarded by torchrun
             return
@@ -453,6 +455,8 @@ def fit(job: Job) -> dict:
     if stop:
         path = save(job, f"step-{state.step:06d}", opt, state)
         name = "SIGINT" if stop == signal.SIGINT else "SIGTERM"
+        if not job.checkpoints:
+            raise Interrupted(stop, f"{name}: stopped at step {state.step} (this training keeps no checkpoints)")
         raise Interrupted(stop, f"{name}: stopped at step {state.step}, checkpoint {path}; "
                                 f"continue with resume=auto run.name={cfg.run.name}")
     val_metrics = _validate(job, clock, state.step, dist) or val_metrics
@@ -486,9 +490,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def save(job: Job, tag: str, opt, state: TrainState, rotate: bool = True) -> os.PathLike | None:
-    """Rank 0 writes the checkpoint; the other ranks wait for it."""
+    """Rank 0 writes the checkpoint; the other ranks wait for it. Nothing for a job with
+    checkpoints=False."""
     from omegaconf import OmegaConf
 
+    if not job.checkpoints:
+        return None
     weights = optim = None
     if job.dist is not None and job.dist.fsdp:  # a collective: every rank gathers, rank 0 gets the full state
         from lmtk.dist import full_state
