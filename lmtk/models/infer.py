@@ -79,19 +79,11 @@ def fill_mask(model, ids: torch.Tensor, mask_id: int, shift: int = 0) -> torch.T
     return torch.where(ids == mask_id, pred, ids)
 
 
-@torch.no_grad()
 def pseudo_log_likelihood(model, ids: torch.Tensor, mask_id: int, shift: int = 0, batch: int = 64) -> torch.Tensor:
     """Sum over positions of log p(x_p | x_without_p) (Salazar et al. 2020), one row per sequence [B].
-    Positions that cannot be predicted under the convention (p < shift) are skipped."""
-    B, T = ids.shape
-    out = torch.zeros(B)
-    positions = torch.arange(shift, T)
-    for b in range(B):
-        total = 0.0
-        for chunk in positions.split(batch):
-            x = ids[b].repeat(len(chunk), 1)
-            x[torch.arange(len(chunk)), chunk] = mask_id
-            logp = F.log_softmax(masked_logits(model, x, shift), dim=-1)
-            total += logp[torch.arange(len(chunk)), chunk, ids[b, chunk]].sum().item()
-        out[b] = total
-    return out
+    Positions that cannot be predicted under the convention (p < shift) are skipped. Batched
+    across positions and sequences by lmtk.eval.scoring.pseudo_log_likelihoods."""
+    from lmtk.eval.scoring import pseudo_log_likelihoods
+
+    return torch.tensor(pseudo_log_likelihoods(model, ids.tolist(), mask_id=mask_id, shift=shift, batch_size=batch,
+                                               device=ids.device), dtype=torch.float32)
