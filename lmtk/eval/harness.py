@@ -164,7 +164,7 @@ class HarnessLM:
 
     # -- generate_until ----------------------------------------------------------------------
     def _gen_settings(self, kwargs) -> tuple[list[str], int, float, int | None, float | None]:
-        kw = dict(kwargs or {})
+        kw = {"until": kwargs} if isinstance(kwargs, str) else dict(kwargs or {})
         until = _as_list(kw.pop("until", None))
         max_new = int(kw.pop("max_gen_toks", self.max_gen_tokens))
         temperature = float(kw.pop("temperature", 1.0 if kw.get("do_sample") else 0.0) or 0.0)
@@ -263,6 +263,9 @@ def _is_data_error(err: BaseException) -> bool:
         err, (ConnectionError, FileNotFoundError))
 
 
+BOOKKEEPING = {"alias", "name", "sample_len", "sample_count", "samples"}  # lm-eval's per-task fields that are no scores
+
+
 def _flatten(results: dict) -> tuple[dict, list[dict], int]:
     """lm-eval's results -> (scores "<task>/<metric>" -> float, rows, documents scored)."""
     scores, rows = {}, []
@@ -273,7 +276,7 @@ def _flatten(results: dict) -> tuple[dict, list[dict], int]:
     for task, metrics in sections:
         n = n_samples.get(task, {}).get("effective")
         for key, value in metrics.items():
-            if key == "alias" or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in BOOKKEEPING or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, _, filt = key.partition(",")
             name = f"{task}/{metric}" if filt in ("", "none") else f"{task}/{metric}[{filt}]"
