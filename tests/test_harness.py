@@ -234,6 +234,33 @@ def test_generate_batched_equals_one_by_one(tok):
     assert all("." not in s for s in batched)
 
 
+def test_generate_sampling_is_seeded(tok):
+    model = tiny(tok, seed=4)
+    req = [Req("the cat", {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0})]
+    a = HarnessLM(model, tok, seed=1).generate_until(req)
+    assert a == HarnessLM(model, tok, seed=1).generate_until(req)
+    greedy = HarnessLM(model, tok).generate_until([Req("the cat", {"until": [], "max_gen_toks": 8})])
+    # do_sample=False ignores a temperature (lm-eval's default is greedy)
+    assert greedy == HarnessLM(model, tok, seed=1).generate_until(
+        [Req("the cat", {"until": [], "max_gen_toks": 8, "do_sample": False, "temperature": 0.7})])
+
+
+def test_results_flatten_to_task_metric_names():
+    results = {
+        "results": {"t1": {"alias": "t1", "acc,none": 0.5, "acc_stderr,none": 0.1, "sample_len": 4},
+                    "t2": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": "N/A"}},
+        "groups": {"g": {"acc,none": 0.4}},
+        "n-samples": {"t1": {"original": 10, "effective": 4}, "t2": {"original": 8, "effective": 8}},
+        "n-shot": {"t1": 0, "t2": 5},
+    }
+    scores, rows, n = harness._flatten(results)
+    assert list(scores) == ["t1/acc", "t2/exact_match[strict-match]", "g/acc"]
+    assert n == 12
+    assert rows[0] == {"task": "t1", "metric": "acc", "filter": "none", "value": 0.5, "stderr": 0.1, "n": 4,
+                       "num_fewshot": 0}
+    assert rows[1]["stderr"] is None and rows[1]["num_fewshot"] == 5
+
+
 def test_generate_context_leaves_room_for_the_answer(tok, chain):
     lm = HarnessLM(chain.model, tok, max_len=16)
     (out,) = lm.generate_until([Req(TEXT[:200] + " the cat", {"max_gen_toks": 4})])

@@ -210,15 +210,19 @@ class HarnessLM:
             groups[(len(ids), *settings)].append(i)
         out: list = [""] * len(jobs)
         gen = torch.Generator(self._device).manual_seed(self.seed)
-        for (T, max_new, temperature, top_k, top_p), members in sorted(groups.items()):
+        for (T, max_new, temperature, top_k, top_p), members in groups.items():
             for b in range(0, len(members), self.batch_size):
                 rows = members[b : b + self.batch_size]
                 if max_new == 0:
                     continue
                 ids = torch.tensor([jobs[i][0] for i in rows], dtype=torch.long, device=self._device)
+                done: set[int] = set()
 
-                def stop(seq, rows=rows, T=T):
-                    return all(self._done(seq[r, T:].tolist(), jobs[i][1]) for r, i in enumerate(rows))
+                def stop(seq, rows=rows, T=T, done=done):
+                    for r, i in enumerate(rows):
+                        if r not in done and self._done(seq[r, T:].tolist(), jobs[i][1]):
+                            done.add(r)
+                    return len(done) == len(rows)
 
                 with torch.no_grad(), autocast(self._device, self.dtype):
                     seq = generate(self.model, ids, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -243,7 +247,7 @@ def adapter(target, cfg: Config):
 
 
 def _check_config(cfg: Config) -> None:
-    if not cfg.tasks:
+    if not _as_list(cfg.tasks):
         raise UserError("harness.tasks is empty: name lm-eval tasks, e.g. harness.tasks=[lambada_openai]")
     if cfg.batch_size < 1:
         raise UserError(f"harness.batch_size={cfg.batch_size} must be at least 1")
@@ -297,7 +301,7 @@ def run(target, cfg: Config) -> dict:
     from lmtk.checkpoint import objective_name
 
     _check_config(cfg)
-    tasks = [str(t) for t in cfg.tasks]
+    tasks = _as_list(cfg.tasks)  # a bare name (harness.tasks=lambada_openai) is a list of one
     manager = TaskManager(include_path=cfg.include_path, include_defaults=cfg.include_defaults)
     known = set(manager.all_tasks)
     for t in tasks:
