@@ -147,3 +147,12 @@ def test_uniform_model_scores_log_vocab():
     model.logits = lambda h: torch.zeros(*h.shape[:-1], V)
     total, n = scoring.rolling_logprob(model, list(range(5, 30)))
     assert n == 24 and total == pytest.approx(-24 * math.log(V), rel=1e-6)
+
+
+def test_rolling_batched_over_texts_equals_one_by_one():
+    model = tiny(max_seq_len=8)
+    ts = [texts(1, n, n + 1, seed=n)[0] for n in (1, 3, 8, 20)]
+    got = scoring.rolling_logprobs(model, ts, stride=3, batch_size=4)
+    for t, (s, n) in zip(ts, got):
+        s1, n1 = scoring.rolling_logprob(model, t, stride=3)
+        assert n == n1 == len(t) - 1 and s == pytest.approx(s1, abs=1e-4)

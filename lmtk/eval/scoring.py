@@ -3,7 +3,7 @@ lm-evaluation-harness adapter) builds on.
 
 - continuation_logprobs: log p(continuation | context) and whether it is the greedy reading
   (multiple choice, BLiMP pairs, lm-eval's `loglikelihood`);
-- rolling_logprob: a whole text's log-likelihood with a sliding window (perplexity of long
+- rolling_logprob(s): a whole text's log-likelihood with a sliding window (perplexity of long
   documents, lm-eval's `loglikelihood_rolling`);
 - pseudo_log_likelihoods: masked models' PLL (one position masked at a time).
 
@@ -148,17 +148,29 @@ def rolling_logprob(model, ids: list[int], *, stride: int | None = None, batch_s
     with the max_len - stride (or more) tokens before them as context; every token is scored
     once, with up to max_len - 1 tokens of context. stride = max_len - 1 is disjoint windows
     (cheapest; the first token of each has one token of context)."""
+    return rolling_logprobs(model, [ids], stride=stride, batch_size=batch_size, device=device, dtype=dtype,
+                            max_len=max_len)[0]
+
+
+def rolling_logprobs(model, texts: list[list[int]], *, stride: int | None = None, batch_size: int = 16, device=None,
+                     dtype=None, max_len: int | None = None) -> list[tuple[float, int]]:
+    """rolling_logprob of each text, the windows of all texts batched together."""
     max_len = max_len or model.cfg.max_seq_len
     stride = stride or max(1, max_len // 2)
     if not 1 <= stride <= max_len - 1:
         raise ValueError(f"stride={stride} must be in 1..max_len-1={max_len - 1}")
-    wins = rolling_windows(len(ids), max_len, stride)
-    if not wins:
-        return 0.0, 0
-    seqs = [list(ids[a:m]) for a, m, _ in wins]
-    starts = [e - a for a, _, e in wins]
-    scores = _causal_scores(model, seqs, starts, batch_size, device, dtype)
-    return sum(s for s, _, _ in scores), sum(n for _, _, n in scores)
+    seqs, starts, owner = [], [], []
+    for i, ids in enumerate(texts):
+        for a, m, e in rolling_windows(len(ids), max_len, stride):
+            seqs.append(list(ids[a:m]))
+            starts.append(e - a)
+            owner.append(i)
+    out = [[0.0, 0] for _ in texts]
+    if seqs:
+        for i, (s, _, n) in zip(owner, _causal_scores(model, seqs, starts, batch_size, device, dtype)):
+            out[i][0] += s
+            out[i][1] += n
+    return [(s, n) for s, n in out]
 
 
 @torch.no_grad()

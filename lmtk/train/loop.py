@@ -24,6 +24,7 @@ import torch
 
 from lmtk.device import autocast, peak_tflops
 from lmtk.errors import UserError
+from lmtk.eval.lm import val_seed, validate  # validation lives in lmtk.eval; the loop calls it
 from lmtk.train.budget import Budget, TrainState, micro_steps
 from lmtk.train.optim import build_optimizer, step_unless
 from lmtk.train.schedule import lr_factor
@@ -89,30 +90,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def val_seed(cfg) -> int:
-    """Seed of validation's masking: val.seed, or (null) derived from the run's seed."""
-    return cfg.val.seed if cfg.val.seed is not None else cfg.seed + 12345
-
-
 def evaluate(job: Job, model=None) -> dict:
-    """val/<objective>_loss and _bpb on a fixed number of validation tokens, fixed masking seed
-    (lmtk.eval.lm: the same numbers `lmtk eval` reports)."""
-    from lmtk.eval.lm import lm_metrics
-
+    """Validation: lmtk.eval.lm.validate on the job's val data (the same numbers `lmtk eval
+    suite=ppl` reports)."""
     # Rank 0 validates alone, except under FSDP: there every forward is a collective (the
     # all-gathers), so all ranks run the same batches and get the same numbers.
     if job.val_data is None or (job.dist is not None and not job.dist.main and not job.dist.fsdp):
         return {}
-    m = lm_metrics(model or job.model, job.val_objectives, job.val_data, tokens=job.cfg.val.tokens,
-                   batch_size=job.cfg.train.micro_batch_size, device=job.device, dtype=job.dtype,
-                   seed=val_seed(job.cfg))
-    out = {f"val/{k}": v for k, v in m.items()}
-    main = job.objective.val_key
-    if f"val/{main}_loss" in out:
-        out["val/loss"] = out[f"val/{main}_loss"]
-    if f"val/{main}_bpb" in out:
-        out["val/bpb"] = out[f"val/{main}_bpb"]
-    return out
+    return validate(model or job.model, job.val_objectives, job.val_data, main=job.objective.val_key,
+                    tokens=job.cfg.val.tokens, batch_size=job.cfg.train.micro_batch_size, device=job.device,
+                    dtype=job.dtype, seed=val_seed(job.cfg))
 
 
 class _Signals:
