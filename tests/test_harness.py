@@ -379,3 +379,48 @@ def test_unknown_task_and_offline_hub_task_are_user_errors(tmp_path, tok):
                                     "test_split: test\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n")
     with pytest.raises(UserError, match="lm-eval could not load the data of hub_task: .*harness.include_path"):
         harness.run(target, Config(tasks=["hub_task"], include_path=str(tasks), include_defaults=False))
+
+
+# -- through `lmtk eval` ------------------------------------------------------------------------
+
+
+def test_lmtk_eval_suite_harness_writes_results(lmtk_env, tmp_path):
+    pytest.importorskip("lm_eval")
+    import helpers
+
+    helpers.train(*helpers.TINY, "budget.steps=2", "run.name=h")
+    tasks = write_tasks(tmp_path)
+    res = helpers.cli("eval", "h", "suite=harness", f"harness.include_path={tasks}", "harness.include_defaults=false",
+                      "harness.tasks=[tiny_mc,tiny_lambada]", "harness.limit=2")
+    assert res.exit_code == 0, res.output
+    out = json.loads((lmtk_env.runs / "h" / "eval" / "harness.json").read_text())
+    assert out["headline"] == "tiny_mc/acc" and out["samples"] == 4  # limit: 2 documents per task
+    assert set(out["scores"]) == {"tiny_mc/acc", "tiny_lambada/acc", "tiny_lambada/perplexity"}
+    assert out["config"]["tasks"] == ["tiny_mc", "tiny_lambada"]
+
+
+def test_lmtk_eval_suite_harness_without_lm_eval_is_one_line(lmtk_env, monkeypatch, capsys):
+    import builtins
+
+    import helpers
+    from lmtk.cli import main
+
+    helpers.train(*helpers.TINY, "budget.steps=2", "run.name=h")
+    real = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    for mod in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["lmtk", "eval", "h", "suite=harness"])
+    monkeypatch.delenv("LMTK_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: suite=harness needs lm-evaluation-harness: pip install 'lmtk[eval]'"]
