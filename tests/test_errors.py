@@ -37,6 +37,7 @@ def world(tmp_path_factory):
     (d / "binary.txt").write_bytes(b"\x00\x01\x02" * 1000)
     (d / "short.txt").write_text("just a few words\n")
     (d / "rows.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    (d / "nopairs").mkdir()
     return base, env
 
 
@@ -86,6 +87,20 @@ ROWS = [
     ("layers-recurrent-without-mixer", ["train", "model.layers=AR"], "has R layers but model.mixer is attention"),
     ("unknown-mixer-option", ["train", "model/mixer=gls"], "unknown option 'gls' for model/mixer"),
     ("unknown-mixer-key", ["train", "model.mixer.chunk=3"], "unknown config key 'model.mixer.chunk'"),
+    ("eval-no-run", ["eval", "suite=ppl"], "lmtk eval needs a run: lmtk eval RUN"),
+    ("eval-run-not-found", ["eval", "nope"], "no run named 'nope'"),
+    ("eval-unknown-suite", ["eval", "done", "suite=ppll"], "unknown suite 'ppll' (did you mean: ppl"),
+    ("eval-unknown-key", ["eval", "done", "ppl.tokns=5"], "unknown config key 'ppl.tokns' (did you mean: ppl.tokens"),
+    ("eval-override-after-run", ["eval", "done", "suite=ppl", "other"], "override 'other' is not key=value"),
+    ("eval-ppl-data-file-missing", ["eval", "done", "data=text", "data.val={base}/data/nope.txt"], "data file not found"),
+    ("eval-ppl-data-val-unset", ["eval", "done", "data=text"], "data=text needs data.val=FILE"),
+    ("eval-pairs-path-unset", ["eval", "done", "suite=pairs"], "suite=pairs needs pairs.path=FILE_OR_FOLDER"),
+    ("eval-pairs-path-missing", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nope"], "no such file or folder"),
+    ("eval-pairs-no-jsonl", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nopairs"], "has no .jsonl files"),
+    ("eval-pairs-line-not-blimp", ["eval", "done", "suite=pairs", "pairs.path={base}/data/rows.jsonl"],
+     "rows.jsonl:1 has no 'sentence_good'"),
+    ("eval-pairs-bad-method", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nopairs", "pairs.method=ppl"],
+     "pairs.method=ppl is not one of: auto, causal, pll"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]
