@@ -9,8 +9,8 @@
   lmtk.eval.scoring.continuation_logprobs: length-sorted, right-padded batches; a context too
   long for the window is cut from the left.
 - loglikelihood_rolling (text,) -> log p(text): [SEP] + the text, every token scored once
-  (scoring.rolling_logprob's sliding window for texts longer than the window; short texts are
-  batched together).
+  (scoring.rolling_logprobs: a sliding window over texts longer than the window, the windows of
+  all texts batched together).
 - generate_until (context, gen_kwargs) -> text: greedy unless the task samples, lmtk.models.infer's
   cached decoding, requests whose contexts have the same token length batched together (no
   padding: decoding caches take no mask); a row stops at [SEP], at any `until` string (cut
@@ -144,20 +144,16 @@ class HarnessLM:
 
     # -- loglikelihood_rolling ---------------------------------------------------------------
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """log p(text) of each whole text, every token scored once after [SEP]."""
-        from lmtk.eval.scoring import rolling_logprob
+        """log p(text) of each whole text, every token scored once after [SEP]; the windows of
+        all texts batched together (scoring.rolling_logprobs)."""
+        from lmtk.eval.scoring import rolling_logprobs
 
         self.counts["loglikelihood_rolling"] += len(requests)
         seqs = [[self.tok.eos_id] + self.tok.encode(req.args[0]) for req in requests]
-        out = [0.0] * len(seqs)
-        short = [i for i, s in enumerate(seqs) if 1 < len(s) <= self.max_len]  # one window: batch them
-        for i, (lp, _) in zip(short, self.loglikelihood_tokens([(seqs[i][:1], seqs[i][1:]) for i in short])):
-            out[i] = lp
-        for i, s in enumerate(seqs):
-            if len(s) > self.max_len:
-                self.counts["rolling_windows"] += 1
-                out[i], _ = rolling_logprob(self.model, s, stride=self.rolling_stride, batch_size=self.batch_size,
-                                            device=self._device, dtype=self.dtype, max_len=self.max_len)
+        self.counts["rolling_windows"] += sum(len(s) > self.max_len for s in seqs)
+        scores = rolling_logprobs(self.model, seqs, stride=self.rolling_stride, batch_size=self.batch_size,
+                                  device=self._device, dtype=self.dtype, max_len=self.max_len)
+        out = [float(lp) for lp, _ in scores]
         for req, res in zip(requests, out):
             self._cache("loglikelihood_rolling", req.args, res)
         return out
