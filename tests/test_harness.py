@@ -81,6 +81,19 @@ def test_encode_pair_splits_at_the_context_tokens(tok):
     assert lm.loglikelihood([Req("the cat", "")]) == [(0.0, True)]
 
 
+def test_wordpiece_runs_split_and_score_the_same_way():
+    from lmtk.data.tokenizer import train_tokenizer
+
+    wp = train_tokenizer(SimpleNamespace(kind="wordpiece", vocab_size=200, train_chars=10**9, lowercase=True), [TEXT])
+    model = tiny(wp)
+    lm = HarnessLM(model, wp)
+    ctx, cont = lm.encode_pair("The cat sat on the ", "mat")
+    assert ctx == [wp.eos_id] + wp.encode("the cat sat on the") and cont == wp.encode("mat")
+    (lp, _), = lm.loglikelihood([Req("The cat sat on the ", "mat")])
+    assert lp == pytest.approx(direct_logprob(model, ctx, cont)[0], abs=1e-4)
+    assert isinstance(lm.generate_until([Req("the cat", {"max_gen_toks": 3})])[0], str)
+
+
 def test_loglikelihood_equals_direct_computation_and_scoring(tok):
     from lmtk.eval.scoring import continuation_logprobs
 
