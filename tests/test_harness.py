@@ -142,6 +142,39 @@ def test_long_context_cut_from_the_left(tok):
     assert lm.counts["context_cut"] == 1
 
 
+def test_continuation_longer_than_the_window_keeps_its_tail(tok):
+    model = tiny(tok, max_seq_len=16)
+    lm = HarnessLM(model, tok)
+    ctx, cont = lm.encode_pair("the cat", " " + TEXT[:200])
+    assert len(cont) > 15
+    (lp, _), = lm.loglikelihood([Req("the cat", " " + TEXT[:200])])
+    whole = ctx + cont
+    assert lp == pytest.approx(direct_logprob(model, whole[-16:-15], whole[-15:])[0], abs=1e-4)
+    assert lm.counts["continuation_cut"] == 1
+
+
+@pytest.mark.parametrize("kw,match", [({"max_len": 1}, "harness.max_len=1 must be at least 2"),
+                                      ({"rolling_stride": 64}, r"harness.rolling_stride=64 must be in 1..63")])
+def test_bad_adapter_settings_are_user_errors(tok, kw, match):
+    with pytest.raises(UserError, match=match):
+        HarnessLM(tiny(tok), tok, **kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"tasks": []}, r"harness.tasks is empty"),
+    ({"batch_size": 0}, r"harness.batch_size=0 must be at least 1"),
+    ({"max_gen_tokens": 0}, r"harness.max_gen_tokens=0 must be at least 1"),
+    ({"num_fewshot": -1}, r"harness.num_fewshot=-1 must be 0 or more"),
+    ({"limit": 0.0}, r"harness.limit=0.0 must be positive"),
+    ({"include_path": "nope"}, r"harness.include_path=nope: no such folder"),
+])
+def test_bad_config_is_a_user_error_before_lm_eval_is_needed(tok, kw, match):
+    target = SimpleNamespace(model=tiny(tok), tokenizer=tok, meta={}, device=torch.device("cpu"), dtype=torch.float32,
+                             name="tiny", seed=0)
+    with pytest.raises(UserError, match=match):
+        harness.run(target, Config(**kw))
+
+
 def test_loglikelihood_rolling_equals_direct_sum(tok):
     from lmtk.eval.scoring import rolling_logprob
 
@@ -385,8 +418,6 @@ def test_unknown_task_and_offline_hub_task_are_user_errors(tmp_path, tok):
                              name="tiny", seed=0)
     with pytest.raises(UserError, match=r"unknown lm-eval task 'tiny_mcc' in .* \(did you mean: tiny_mc"):
         harness.run(target, Config(tasks=["tiny_mcc"], include_path=str(tasks), include_defaults=False))
-    with pytest.raises(UserError, match="no such folder"):
-        harness.run(target, Config(tasks=["tiny_mc"], include_path=str(tmp_path / "nope")))
     # a task whose data is on the Hub, offline
     (tasks / "hub.yaml").write_text("task: hub_task\ndataset_path: EleutherAI/not_here\noutput_type: loglikelihood\n"
                                     "test_split: test\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n")

@@ -83,6 +83,8 @@ class HarnessLM:
         if self.max_len < 2:
             raise UserError(f"harness.max_len={self.max_len} must be at least 2")
         self.max_gen_tokens = int(max_gen_tokens)
+        if rolling_stride is not None and not 1 <= rolling_stride <= self.max_len - 1:
+            raise UserError(f"harness.rolling_stride={rolling_stride} must be in 1..{self.max_len - 1} (the window less one)")
         self.rolling_stride = rolling_stride
         self.prefix = [tokenizer.eos_id] if sep_prefix else []
         self._device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -247,6 +249,10 @@ def _check_config(cfg: Config) -> None:
         raise UserError("harness.tasks is empty: name lm-eval tasks, e.g. harness.tasks=[lambada_openai]")
     if cfg.batch_size < 1:
         raise UserError(f"harness.batch_size={cfg.batch_size} must be at least 1")
+    if cfg.max_gen_tokens < 1:
+        raise UserError(f"harness.max_gen_tokens={cfg.max_gen_tokens} must be at least 1")
+    if cfg.num_fewshot is not None and cfg.num_fewshot < 0:
+        raise UserError(f"harness.num_fewshot={cfg.num_fewshot} must be 0 or more")
     if cfg.limit is not None and cfg.limit <= 0:
         raise UserError(f"harness.limit={cfg.limit} must be positive (N documents, or a fraction below 1)")
     if cfg.include_path is not None:
@@ -291,12 +297,12 @@ def _flatten(results: dict) -> tuple[dict, list[dict], int]:
 
 def run(target, cfg: Config) -> dict:
     """Evaluate target (model, tokenizer, meta, device, dtype, seed) on cfg.tasks with lm-eval."""
+    _check_config(cfg)
     lm_eval = _import_lm_eval()
     from lm_eval.tasks import TaskManager
 
     from lmtk.checkpoint import objective_name
 
-    _check_config(cfg)
     tasks = _as_list(cfg.tasks)  # a bare name (harness.tasks=lambada_openai) is a list of one
     manager = TaskManager(include_path=cfg.include_path, include_defaults=cfg.include_defaults)
     known = set(manager.all_tasks)
