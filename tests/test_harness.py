@@ -428,28 +428,39 @@ def test_unknown_task_and_offline_hub_task_are_user_errors(tmp_path, tok):
 # -- through `lmtk eval` ------------------------------------------------------------------------
 
 
-def test_lmtk_eval_suite_harness_writes_results(lmtk_env, tmp_path):
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory, shared_cache) -> Path:
+    """A finished tiny CLM run 'h'."""
+    import helpers
+
+    root = tmp_path_factory.mktemp("harness-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMTK_RUNS", str(root))
+        mp.setenv("LMTK_CACHE", str(shared_cache))
+        helpers.train(*helpers.TINY, "budget.steps=2", "run.name=h")
+    helpers.reset_console()
+    return root
+
+
+def test_lmtk_eval_suite_harness_writes_results(run_root, tmp_path):
     pytest.importorskip("lm_eval")
     import helpers
 
-    helpers.train(*helpers.TINY, "budget.steps=2", "run.name=h")
     tasks = write_tasks(tmp_path)
-    res = helpers.cli("eval", "h", "suite=harness", f"harness.include_path={tasks}", "harness.include_defaults=false",
-                      "harness.tasks=[tiny_mc,tiny_lambada]", "harness.limit=2")
+    res = helpers.cli("eval", "h", f"root={run_root}", "suite=harness", f"harness.include_path={tasks}",
+                      "harness.include_defaults=false", "harness.tasks=[tiny_mc,tiny_lambada]", "harness.limit=2")
     assert res.exit_code == 0, res.output
-    out = json.loads((lmtk_env.runs / "h" / "eval" / "harness.json").read_text())
+    out = json.loads((run_root / "h" / "eval" / "harness.json").read_text())
     assert out["headline"] == "tiny_mc/acc" and out["samples"] == 4  # limit: 2 documents per task
     assert set(out["scores"]) == {"tiny_mc/acc", "tiny_lambada/acc", "tiny_lambada/perplexity"}
     assert out["config"]["tasks"] == ["tiny_mc", "tiny_lambada"]
 
 
-def test_lmtk_eval_suite_harness_without_lm_eval_is_one_line(lmtk_env, monkeypatch, capsys):
+def test_lmtk_eval_suite_harness_without_lm_eval_is_one_line(run_root, monkeypatch, capsys):
     import builtins
 
-    import helpers
     from lmtk.cli import main
 
-    helpers.train(*helpers.TINY, "budget.steps=2", "run.name=h")
     real = builtins.__import__
 
     def no_lm_eval(name, *args, **kwargs):
@@ -461,7 +472,7 @@ def test_lmtk_eval_suite_harness_without_lm_eval_is_one_line(lmtk_env, monkeypat
     for mod in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.delitem(sys.modules, mod)
     capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["lmtk", "eval", "h", "suite=harness"])
+    monkeypatch.setattr(sys, "argv", ["lmtk", "eval", "h", f"root={run_root}", "suite=harness"])
     monkeypatch.delenv("LMTK_DEBUG", raising=False)
     with pytest.raises(SystemExit) as exit_:
         main()
