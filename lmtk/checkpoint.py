@@ -208,13 +208,9 @@ def load_state(ckpt: Path) -> dict:
         raise UserError(f"cannot load trainer state of {ckpt}: {str(err).splitlines()[0]}") from None
 
 
-def load_pretrained(path, root=None):
-    """(model, tokenizer, meta) from a run name, run directory or checkpoint directory.
-
-    A run gives its final/ checkpoint (else its latest step); a checkpoint directory needs
-    nothing around it. meta carries the objective's masked convention (masked_shift())."""
-    from lmtk.data.tokenizer import Tokenizer
-    from lmtk.models import ModelConfig, build_model
+def locate(path, root=None) -> Path:
+    """The checkpoint directory of a run name, run directory or checkpoint directory: a run gives
+    its final/ checkpoint (else its latest step)."""
     from lmtk.runs import RunDir, runs_root
 
     p = Path(path).expanduser()
@@ -222,12 +218,30 @@ def load_pretrained(path, root=None):
         p = runs_root(root) / str(path)
     if not p.exists():
         raise UserError(f"no run named '{path}' (looked in {runs_root(root) if root else Path.cwd()}); `lmtk runs` lists them")
-    ckpt = p if is_checkpoint(p) else None
-    if ckpt is None:
-        final = RunDir(p).ckpt_dir / "final"
-        ckpt = final if is_checkpoint(final) else resolve(p)
+    if is_checkpoint(p):
+        return p
+    final = RunDir(p).ckpt_dir / "final"
+    return final if is_checkpoint(final) else resolve(p)
+
+
+def load_pretrained(path, root=None):
+    """(model, tokenizer, meta) from a run name, run directory or checkpoint directory (locate).
+
+    A checkpoint directory needs nothing around it. meta carries the objective's masked
+    convention (masked_shift())."""
+    from lmtk.data.tokenizer import Tokenizer
+    from lmtk.models import ModelConfig, build_model
+
+    ckpt = locate(path, root)
     meta = verify(ckpt)
-    model = build_model(ModelConfig.from_dict(meta["model"]))
-    load_weights(model, ckpt)
+    if meta.get("finetune"):  # a fine-tuning run: its PEFT layers merged, its task head dropped
+        from lmtk.finetune.base import load_language_model
+
+        model = load_language_model(ckpt, meta)[0]
+    else:
+        model = build_model(ModelConfig.from_dict(meta["model"]))
+        load_weights(model, ckpt)
     model.eval()
-    return model, Tokenizer.from_file(tokenizer_path(ckpt)), meta
+    # meta["specials"]: the tokenizer's special-token roles, where they were not lmtk's five
+    # (a model imported from Hugging Face, models/hf.py); absent: read from the tokenizer itself
+    return model, Tokenizer.from_file(tokenizer_path(ckpt), specials=meta.get("specials")), meta

@@ -50,6 +50,28 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
     run(cfg, recipe, overrides)
 
 
+@app.command(context_settings={"ignore_unknown_options": True})
+def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] base=RUN [task=glue/sst2 | task=local ...] [peft=full|bitfit|lora] [key=value ...]",
+                                                         metavar="[RECIPE] [OVERRIDES]...")):
+    """Fine-tune a run (or a Hugging Face model) on a task or on text: full, BitFit or LoRA."""
+    from lmtk.config import compose
+    from lmtk.finetune.run import run
+
+    recipe, overrides = _split(args)
+    if recipe == "default":
+        recipe = "finetune"
+    cfg = compose(recipe, overrides)
+    if cfg.launcher.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from lmtk import device as devices
+        from lmtk.launch import launch
+        from lmtk.train.pretrain import check_parallel
+
+        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)[1])
+        rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
+        raise typer.Exit(launch(cfg.launcher.nproc, ["finetune", recipe, *rest]))
+    run(cfg, recipe, overrides)
+
+
 @app.command()
 def recipes():
     """List the recipes shipped with lmtk."""
@@ -78,12 +100,29 @@ def config(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, meta
     typer.echo(to_yaml(compose(recipe, overrides)), nl=False)
 
 
+EVAL_HELP = ("RUN... [key=value ...]: run names (in $LMTK_RUNS or ./runs), run directories or checkpoint "
+             "directories, then overrides: suite=ppl | suite=[ppl,pairs], <suite>.<key>=value, data=text data.val=FILE, "
+             "device=, precision=, seed=")
+
+
+@app.command("eval", context_settings={"ignore_unknown_options": True})
+def eval_(args: Optional[List[str]] = typer.Argument(None, help=EVAL_HELP, metavar="RUN... [OVERRIDES]...")):
+    """Evaluate runs or checkpoints: perplexity/bits-per-byte, minimal pairs, ...; results in <run>/eval/<suite>.json."""
+    from lmtk.config import compose_eval
+    from lmtk.eval.command import run
+
+    args = list(args or [])
+    n = next((i for i, a in enumerate(args) if "=" in a), len(args))
+    targets, overrides = args[:n], args[n:]
+    run(targets, compose_eval(overrides))
+
+
 @app.command()
 def runs(
     root: str = typer.Option(None, "--root", help="runs directory (default: $LMTK_RUNS or ./runs)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ):
-    """Table of runs: name, kind, status, steps, tokens, val loss, created."""
+    """Table of runs: name, kind, status, steps, tokens, val loss, eval headlines, created."""
     from rich.table import Table
 
     from lmtk.log import console
@@ -94,7 +133,7 @@ def runs(
         typer.echo(json.dumps(rows, indent=2))
         return
     t = Table(title=f"runs in {root or os.environ.get('LMTK_RUNS', 'runs')}")
-    for col in ("name", "kind", "status", "steps", "tokens", "val loss", "created"):
+    for col in ("name", "kind", "status", "steps", "tokens", "val loss", "eval", "created"):
         t.add_column(col, justify="right" if col in ("steps", "tokens", "val loss") else "left")
     for r in rows:
         vl = r.get("val_loss")
@@ -102,7 +141,9 @@ def runs(
             r["name"], r.get("kind", "?"), r.get("status", "?"),
             f"{r['steps']:,}" if r.get("steps") is not None else "-",
             f"{r['tokens']:,}" if r.get("tokens") is not None else "-",
-            f"{vl:.4f}" if vl is not None else "-", r.get("created", "?"),
+            f"{vl:.4f}" if vl is not None else "-",
+            ", ".join(f"{suite} {h['score']}={h['value']:.3f}" for suite, h in (r.get("eval") or {}).items()) or "-",
+            r.get("created", "?"),
         )
     console.file = sys.stdout
     console.print(t)
@@ -131,6 +172,9 @@ def generate(
     if fill_mask:
         if "[MASK]" not in prompt:
             raise UserError("--fill-mask needs a prompt with [MASK] in it")
+        from lmtk.data.tokenizer import require_special
+
+        require_special(tok, "mask", "--fill-mask fills")
         parts = prompt.split("[MASK]")
         ids = []
         for i, part in enumerate(parts):

@@ -40,8 +40,12 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
+EVAL_GROUP = "eval"  # conf/eval/: the eval suites' sections, composed by compose_eval (not a training group)
+
+
 def groups() -> list[str]:
-    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+    """Config groups of training recipes (conf/eval/ belongs to `lmtk eval`)."""
+    return sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and p.name != EVAL_GROUP)
 
 
 def _recipe_location(recipe: str) -> tuple[Path, str]:
@@ -76,7 +80,7 @@ def _compose_raw(recipe: str, overrides: list[str]) -> DictConfig:
         return compose(name, overrides=list(overrides) + [f"hydra.searchpath=[{','.join(search)}]"])
 
 
-def _override_error(recipe: str, overrides: list[str], err: Exception) -> UserError:
+def _override_error(recipe: str, overrides: list[str], err: Exception, defaults=None) -> UserError:
     msg = str(err)
     m = re.search(r"Could not find '([^']+)/([^/']+)'", msg)
     if m:
@@ -91,7 +95,8 @@ def _override_error(recipe: str, overrides: list[str], err: Exception) -> UserEr
     if m:
         key = m.group(1)
         try:
-            keys = list(_flat_keys(OmegaConf.to_container(_compose_raw(recipe, []), resolve=False)))
+            base = defaults() if defaults is not None else _compose_raw(recipe, [])
+            keys = list(_flat_keys(OmegaConf.to_container(base, resolve=False)))
         except Exception:
             keys = []
         return UserError(
@@ -117,6 +122,34 @@ def compose(recipe: str = "default", overrides: Iterable[str] = ()) -> DictConfi
     # `+new.key=value` adds keys the schema does not know; keep them beside the checked config.
     extras = {o[1:].split("=", 1)[0] for o in overrides if o.startswith("+") and not o.startswith("++")}
     return validate(raw, extras)
+
+
+def _compose_eval_raw(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return compose("eval", overrides=list(overrides))
+
+
+def compose_eval(overrides: Iterable[str] = ()):
+    """`lmtk eval`'s config (conf/eval.yaml + conf/eval/<suite>.yaml) with overrides applied,
+    checked: an lmtk.eval.Plan (the suites in order, each one's Config)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException as OCE
+
+    from lmtk.eval import plan
+
+    overrides = list(overrides)
+    for o in overrides:
+        if "=" not in o:
+            raise UserError(f"override '{o}' is not key=value (e.g. suite=ppl); run names come before the overrides")
+    try:
+        raw = _compose_eval_raw(overrides)
+    except (HydraException, OCE) as err:
+        raise _override_error("eval", overrides, err, defaults=lambda: _compose_eval_raw([])) from None
+    return plan(raw)
 
 
 def validate(raw: DictConfig, extras: Iterable[str] = ()) -> DictConfig:

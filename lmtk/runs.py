@@ -3,6 +3,7 @@
 runs/<name>/
   run.json  config.yaml  overrides.yaml  tokenizer.json  model.json  metrics.jsonl
   checkpoints/step-000500/   checkpoints/final/    (the format: lmtk/checkpoint.py)
+  eval/<suite>.json                                (lmtk eval: lmtk/eval/results.py)
 
 The run directory owns the lock, run.json (status, history) and where checkpoints go;
 what is inside a checkpoint, and loading one, is lmtk.checkpoint's business.
@@ -230,6 +231,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _eval_headlines(path: Path) -> dict:
+    """suite -> {score, value}: the headline of each eval/<suite>.json (lmtk eval)."""
+    from lmtk.eval.results import headlines
+
+    return {suite: {"score": k, "value": v} for suite, (k, v) in headlines(path).items()}
+
+
 def list_runs(root) -> list[dict]:
     """One row per run in `root` for `lmtk runs`: run.json plus progress from metrics.jsonl."""
     out = []
@@ -260,6 +268,7 @@ def list_runs(root) -> list[dict]:
                 row["steps"] = m.get("step", row["steps"])
                 row["tokens"] = m.get("tokens", row["tokens"])
                 row["val_loss"] = m.get("val/loss", row["val_loss"])
+        row["eval"] = _eval_headlines(p / "eval")
         out.append(row)
     out.sort(key=lambda r: r.get("created") or "")
     return out

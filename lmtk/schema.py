@@ -36,12 +36,16 @@ class ModelCfg:
     norm_eps: Optional[float] = None  # epsilon of every norm; null: the norm's usual (LayerNorm 1e-5, RMSNorm 1e-6)
     embedding_norm: bool = False  # cramming normalises the embedding output
     bias: bool = True
-    mlp: str = "gelu"  # gelu | gated-gelu | swiglu
+    mlp: str = "gelu"  # gelu | gelu-tanh (GPT-2's approximation) | gated-gelu | swiglu
     mixer: Any = field(default_factory=lambda: {"name": "attention"})  # model/mixer=NAME; knobs checked by the mixer's Config
     layers: Optional[Any] = None  # hybrids: "RRAR RRAR" (A attention, R model.mixer) or a list of mixer names
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    type_vocab_size: int = 0  # token type (segment) embeddings, BERT's (0: none)
+    head_transform: bool = False  # BERT's MLM head transform (dense -> act -> norm) before the decoder
+    head_bias: bool = False  # a bias on the LM head (BERT's decoder bias)
+    pooler: bool = False  # dense + tanh on the first token (BERT's pooler)
 
 
 @dataclass
@@ -88,6 +92,10 @@ class OptimCfg:
     weight_decay: float = 0.01
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
+    # parameter names (globs, matched whole or from a dot on) without weight decay; null: lmtk.train.optim.NO_DECAY
+    no_decay: Optional[List[str]] = None
+    head: Optional[List[str]] = None  # names of a task head's parameters (null: classifier.*)
+    head_lr_scale: float = 1.0  # the head's learning rate = train.lr x this
 
 
 @dataclass
@@ -154,6 +162,47 @@ class GuardCfg:
 
 
 @dataclass
+class TaskCfg:
+    """`lmtk finetune task=...`: labelled sentences (or pairs) for classification or regression."""
+
+    source: str = "none"  # none (no task: finetune on data= text with the LM objective) | glue | local
+    name: Optional[str] = None  # glue: the GLUE config (sst2, mrpc, ...); local: a label for the task
+    train: Optional[str] = None  # local: .tsv / .csv / .jsonl file
+    val: Optional[str] = None  # local: the validation file (null: val_fraction of train held out)
+    split: str = "train"  # glue: the training split
+    val_split: str = "validation"  # glue: the validation split (mnli: validation_matched)
+    text: str = "sentence"  # column of the (first) sentence
+    text_pair: Optional[str] = None  # column of the second sentence of a pair task
+    label: str = "label"  # column of the label
+    kind: str = "auto"  # classification | regression | auto (regression when every label is a non-integer number)
+    num_labels: Optional[int] = None  # classification: number of classes (null: the classes seen in train)
+    metrics: List[str] = field(default_factory=lambda: ["accuracy"])  # the first one is the score (best epoch)
+    max_len: int = 128  # tokens per example, special tokens included (longer ones truncated)
+    val_fraction: float = 0.1  # local without task.val
+    max_examples: Optional[int] = None  # cap on training examples (quick runs, tests)
+
+
+@dataclass
+class HeadCfg:
+    pooling: str = "auto"  # auto (encoders: first token; causal models: last real token) | first | last
+    dropout: float = 0.1
+
+
+@dataclass
+class PeftCfg:
+    method: str = "full"  # full | bitfit | lora
+    r: int = 8  # lora rank
+    alpha: float = 16.0  # lora: the update is scaled by alpha / r (rslora: alpha / sqrt(r))
+    dropout: float = 0.0  # lora: dropout on the adapter's input
+    targets: List[str] = field(default_factory=lambda: ["*mixer.*"])  # lora: module names (globs) of the linear layers adapted
+    rslora: bool = False  # lora: scale alpha / sqrt(r)
+    dora: bool = False  # lora: weight-decomposed (DoRA) magnitude + direction
+    bias: str = "none"  # lora: none | all (train every bias too)
+    biases: List[str] = field(default_factory=lambda: ["*"])  # bitfit: which biases train (globs over parameter names)
+    add_biases: bool = True  # bitfit: give linear layers without a bias a zero-initialised one (crammed models have none)
+
+
+@dataclass
 class Config:
     recipe: str = "default"
     description: str = ""
@@ -175,6 +224,11 @@ class Config:
     val: ValCfg = field(default_factory=ValCfg)
     guard: GuardCfg = field(default_factory=GuardCfg)
     launcher: LauncherCfg = field(default_factory=LauncherCfg)
+    # lmtk finetune: the base model (a run, checkpoint or Hugging Face directory), the task, the method
+    base: Optional[str] = None
+    task: TaskCfg = field(default_factory=TaskCfg)
+    head: HeadCfg = field(default_factory=HeadCfg)
+    peft: PeftCfg = field(default_factory=PeftCfg)
 
 
 # Values restricted to a set; checked after composition so typos fail before any work.
@@ -185,7 +239,7 @@ CHOICES = {
     "model.rope_layout": ("half", "interleaved"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
-    "model.mlp": ("gelu", "gated-gelu", "swiglu"),
+    "model.mlp": ("gelu", "gelu-tanh", "gated-gelu", "swiglu"),
     "objective.name": ("clm", "mlm", "antlm", "gpt-bert"),
     "data.source": ("embedded", "text", "hf"),
     "tokenizer.kind": ("bpe", "wordpiece"),
@@ -193,4 +247,9 @@ CHOICES = {
     "schedule.name": ("triangle", "cosine", "constant"),
     "logger.name": ("console", "wandb"),
     "launcher.strategy": ("ddp", "fsdp"),
+    "task.source": ("none", "glue", "local"),
+    "task.kind": ("auto", "classification", "regression"),
+    "head.pooling": ("auto", "first", "last"),
+    "peft.method": ("full", "bitfit", "lora"),
+    "peft.bias": ("none", "all"),
 }

@@ -98,7 +98,7 @@ def test_debug_env_shows_the_traceback(lmtk_env):
 def test_help_lists_commands():
     res = helpers.cli("--help")
     assert res.exit_code == 0
-    for cmd in ("train", "recipes", "config", "runs"):
+    for cmd in ("train", "recipes", "config", "runs", "eval"):
         assert cmd in res.output
 
 

@@ -192,3 +192,51 @@ def test_recipe_file_path(tmp_path):
     assert cfg.recipe == "mine" and cfg.train.lr == 0.0042
     assert cfg.model == compose("default", ["budget.steps=2"]).model  # everything else from the parent recipe
     assert "not found" in _error(str(tmp_path / "missing.yaml"), [])
+
+
+# ---- lmtk finetune ----------------------------------------------------------------------------
+
+
+def _task_options():
+    from lmtk.config import conf_dir
+
+    return sorted(str(p.relative_to(conf_dir() / "task").with_suffix("")) for p in (conf_dir() / "task").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", _task_options())
+def test_every_task_composes_into_finetune(task):
+    """Every conf/task option (glue/<name> included) composes and validates; GLUE's names and
+    metrics are the ones lmtk.finetune.tasks knows."""
+    from lmtk.finetune.metrics import METRICS
+    from lmtk.finetune.tasks import GLUE
+
+    cfg = compose("finetune", ["base=somewhere", f"task={task}", "task.train=x.tsv"])
+    assert cfg.task.source in ("glue", "local") and all(m in METRICS for m in cfg.task.metrics)
+    if task.startswith("glue/"):
+        name = task.split("/")[1]
+        text, pair, k, metrics, val_split = GLUE[name]
+        assert (cfg.task.name, cfg.task.text, cfg.task.text_pair, list(cfg.task.metrics), cfg.task.val_split) == (
+            name, text, pair, metrics, val_split)
+        assert cfg.task.kind == ("regression" if k == 1 else "classification")
+
+
+@pytest.mark.parametrize("method", group_options("peft"))
+def test_every_peft_option_builds_on_a_task_model(method):
+    from lmtk import peft
+    from lmtk.finetune.model import TaskModel
+
+    cfg = compose("finetune", ["base=somewhere", "task=glue/sst2", f"peft={method}", *TINY_DIMS])
+    assert cfg.peft.method == method
+    model = TaskModel(build_model(model_config(cfg.model, VOCAB)), 2, causal=True, pooling=cfg.head.pooling, dropout=cfg.head.dropout)
+    peft.apply(model, cfg.peft, skip=("lm.head",))
+    trainable, total = peft.count(model)
+    assert 0 < trainable <= total and (trainable == total) == (method == "full")
+    logits = model(torch.randint(5, VOCAB, (2, 7)), attention_mask=torch.ones(2, 7, dtype=torch.bool))
+    logits.sum().backward()
+
+
+def test_finetune_recipe_is_crammings_protocol():
+    cfg = compose("finetune", ["base=somewhere", "task=glue/sst2"])
+    assert cfg.budget.epochs == 5 and cfg.train.lr == 4e-5 and cfg.train.batch_size == 16
+    assert cfg.schedule.name == "cosine" and cfg.schedule.warmup == 0.1
+    assert cfg.peft.method == "full" and compose("default", ["budget.steps=1"]).task.source == "none"

@@ -37,7 +37,27 @@ def world(tmp_path_factory):
     (d / "binary.txt").write_bytes(b"\x00\x01\x02" * 1000)
     (d / "short.txt").write_text("just a few words\n")
     (d / "rows.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    (d / "task.tsv").write_text("sentence\tlabel\n" + "".join(f"a {w} film\t{y}\n" for w, y in [("good", "pos"), ("bad", "neg")] * 8))
+    (d / "odd.tsv").write_text("sentence\tlabel\na fine film\tmeh\n")
+    _adapter_on_changed_base(base, d / "adapter")
+    (d / "nopairs").mkdir()
     return base, env
+
+
+def _adapter_on_changed_base(base, dest):
+    """A LoRA adapter whose adapter.json names run 'done' as its base, but whose base weights
+    were others (a fingerprint that is not done's): what an adapter on the wrong base looks like."""
+    from omegaconf import OmegaConf
+
+    from lmtk import peft
+    from lmtk.finetune.base import resolve_base
+
+    b = resolve_base(str(base / "runs" / "done"), None)
+    cfg = OmegaConf.create({"method": "lora", "r": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["*mixer.*"], "rslora": False,
+                            "dora": False, "bias": "none", "biases": ["*"], "add_biases": True})
+    peft.apply(b.lm, cfg)
+    peft.save_adapter(b.lm, dest, {"peft": OmegaConf.to_container(cfg), "head": None, "skip": [],
+                                   "base": {"path": str(base / "runs" / "done"), "fingerprint": "0" * 16, "model": b.lm.cfg.to_dict()}})
 
 
 def _digest(run: Path) -> str:
@@ -47,6 +67,8 @@ def _digest(run: Path) -> str:
             h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()
 
+
+FT = ["task=local", "task.train={base}/data/task.tsv", "budget.epochs=1"]
 
 # (row id, lmtk arguments, fragment of the expected one-line message)
 ROWS = [
@@ -90,6 +112,29 @@ ROWS = [
      "model.mixer.conv=-1 for mixer mamba2: the short convolution's size must be >= 0 (0: none)"),
     ("mixer-kernel-fla-unavailable", ["train", "model/mixer=gla", "model.mixer.kernel=fla"],
      "model.mixer.kernel=fla for mixer gla needs a CUDA GPU"),
+    ("finetune-base-missing", ["finetune", "base={base}/runs/nope", *FT], "no run, checkpoint or model directory there"),
+    ("finetune-base-not-a-model", ["finetune", "base={base}/data", *FT], "is not a model"),
+    ("task-column-missing", ["finetune", "base=done", *FT, "task.text=review"], "has no column 'review' (task.text); its columns: sentence, label"),
+    ("task-label-not-a-number", ["finetune", "base=done", *FT, "task.kind=regression"], "has label 'pos', not a number (task.kind=regression)"),
+    ("task-label-not-a-class", ["finetune", "base=done", *FT, "task.val={base}/data/odd.tsv"], "has label 'meh', not one of the training classes (neg, pos)"),
+    ("lora-targets-match-nothing", ["finetune", "base=done", *FT, "peft=lora", "peft.targets=[*attn.q_proj]"],
+     "peft.targets=['*attn.q_proj'] match no linear layer of the model; its linear layers: lm.blocks.N.mixer.out"),
+    ("adapter-wrong-base", ["finetune", "base={base}/data/adapter", *FT], "was trained on another base (its weights differ"),
+    ("finetune-setting-in-train", ["train", "peft=lora"], "peft.method=lora is a fine-tuning setting: use lmtk finetune"),
+    ("eval-no-run", ["eval", "suite=ppl"], "lmtk eval needs a run: lmtk eval RUN"),
+    ("eval-run-not-found", ["eval", "nope"], "no run named 'nope'"),
+    ("eval-unknown-suite", ["eval", "done", "suite=ppll"], "unknown suite 'ppll' (did you mean: ppl"),
+    ("eval-unknown-key", ["eval", "done", "ppl.tokns=5"], "unknown config key 'ppl.tokns' (did you mean: ppl.tokens"),
+    ("eval-override-after-run", ["eval", "done", "suite=ppl", "other"], "override 'other' is not key=value"),
+    ("eval-ppl-data-file-missing", ["eval", "done", "data=text", "data.val={base}/data/nope.txt"], "data file not found"),
+    ("eval-ppl-data-val-unset", ["eval", "done", "data=text"], "data=text needs data.val=FILE"),
+    ("eval-pairs-path-unset", ["eval", "done", "suite=pairs"], "suite=pairs needs pairs.path=FILE_OR_FOLDER"),
+    ("eval-pairs-path-missing", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nope"], "no such file or folder"),
+    ("eval-pairs-no-jsonl", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nopairs"], "has no .jsonl files"),
+    ("eval-pairs-line-not-blimp", ["eval", "done", "suite=pairs", "pairs.path={base}/data/rows.jsonl"],
+     "rows.jsonl:1 has no 'sentence_good'"),
+    ("eval-pairs-bad-method", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nopairs", "pairs.method=ppl"],
+     "pairs.method=ppl is not one of: auto, causal, pll"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]

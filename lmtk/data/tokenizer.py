@@ -1,7 +1,11 @@
 """Tokenizers trained with `tokenizers`: byte-level BPE (GPT) or WordPiece (BERT).
 
-Every tokenizer has the same five special tokens at ids 0-4, so objectives can rely on
-[PAD], [MASK] and the document separator [SEP] whatever the kind.
+Every tokenizer lmtk trains has the same five special tokens at ids 0-4 ([PAD], [UNK], [CLS],
+[SEP], [MASK]; [SEP] is also the document separator, eos_id). An imported tokenizer (a Hugging
+Face tokenizer.json) has what it has: its special tokens' roles (pad, unk, cls, sep, mask, bos,
+eos) are read from the files beside it (models/hf.py) or recognised by their usual names, and
+an id is None where the tokenizer has no such token. What an objective needs is checked with
+require_special (one line: "the tokenizer has no mask token ...").
 """
 
 from __future__ import annotations
@@ -17,6 +21,45 @@ import numpy as np
 from lmtk.errors import UserError
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
+# lmtk's own tokenizers: [SEP] separates documents in the token stream, so it is also eos
+LMTK_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "eos": "[SEP]"}
+# The usual spellings of each role, for tokenizers that come without a map of them (first found wins)
+USUAL_NAMES = {
+    "pad": ("[PAD]", "<pad>", "<|pad|>", "<|padding|>"),
+    "unk": ("[UNK]", "<unk>", "<|unk|>"),
+    "cls": ("[CLS]", "<cls>", "<s>"),  # RoBERTa: <s> is its bos and cls
+    "sep": ("[SEP]", "<sep>"),
+    "mask": ("[MASK]", "<mask>", "<|mask|>"),
+    "bos": ("<s>", "<|begin_of_text|>", "<|startoftext|>", "[BOS]", "<bos>"),
+    "eos": ("</s>", "<|endoftext|>", "<|end_of_text|>", "[EOS]", "<eos>", "[SEP]"),
+}
+
+
+def usual_specials(vocab) -> dict[str, str]:
+    """{role: token} for the roles whose usual spelling (USUAL_NAMES) is in `vocab`."""
+    out = {}
+    for role, names in USUAL_NAMES.items():
+        for name in names:
+            if name in vocab:
+                out[role] = name
+                break
+    return out
+
+
+def require_special(tok: "Tokenizer", role: str, why: str) -> int:
+    """The id of the tokenizer's `role` token (pad, unk, cls, sep, mask, bos, eos), or a one-line
+    UserError saying that `why` needs it and how to add one (models/hf.add_special)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown special-token role {role!r}; one of {', '.join(ROLES)}")
+    tid = getattr(tok, f"{role}_id", None)
+    if tid is None:
+        name = LMTK_SPECIALS.get(role, f"<{role}>")
+        raise UserError(
+            f"the tokenizer has no {role} token, which {why}; add one explicitly "
+            f"(lmtk.models.hf.add_special(model, tok, {name!r}), which resizes the embedding) or use a tokenizer that has one"
+        )
+    return tid
 
 
 def cache_root() -> Path:
@@ -24,27 +67,78 @@ def cache_root() -> Path:
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the ids and byte lengths lmtk needs."""
+    """A `tokenizers.Tokenizer` plus the ids and byte lengths lmtk needs.
 
-    def __init__(self, tk):
+    `specials` maps roles (ROLES) to token strings; None: lmtk's five when the tokenizer has them
+    (every tokenizer lmtk trained), else the usual spellings found in its vocabulary. The ids are
+    attributes (pad_id, unk_id, cls_id, sep_id, mask_id, bos_id, eos_id; None where absent);
+    eos_id is the document separator of the token stream (lmtk's [SEP], GPT-2's <|endoftext|>,
+    Llama's </s>; BERT's [SEP] when it has no eos)."""
+
+    def __init__(self, tk, specials: dict | None = None):
         self.tk = tk
-        vocab = tk.get_vocab()
-        missing = [s for s in SPECIALS if s not in vocab]
-        if missing:
-            raise UserError(f"tokenizer lacks special tokens {missing}; train one with lmtk or add them")
-        self.pad_id, self.unk_id, self.cls_id, self.eos_id, self.mask_id = (vocab[s] for s in SPECIALS)
-        self.vocab_size = tk.get_vocab_size()
-        self.special_ids = sorted(vocab[s] for s in SPECIALS)
         self._words = None  # lmtk.data.wordcache.WordCache once encode_stream needs it (False: unsupported)
+        self._set_specials(specials)
+
+    def _set_specials(self, specials: dict | None) -> None:
+        vocab = self.tk.get_vocab()
+        if specials is None:
+            specials = dict(LMTK_SPECIALS) if all(s in vocab for s in SPECIALS) else usual_specials(vocab)
+        unknown = sorted(set(specials) - set(ROLES))
+        if unknown:
+            raise ValueError(f"unknown special-token roles {unknown}; roles: {', '.join(ROLES)}")
+        specials = {r: t for r, t in specials.items() if t is not None}
+        if "eos" not in specials and "sep" in specials:
+            specials["eos"] = specials["sep"]  # BERT's: [SEP] separates documents
+        absent = [t for t in specials.values() if t not in vocab]
+        if absent:
+            raise UserError(f"the tokenizer's special tokens {absent} are not in its vocabulary; check its tokenizer.json")
+        self.specials = {r: specials[r] for r in ROLES if r in specials}  # role -> token (saved with checkpoints)
+        for role in ROLES:
+            setattr(self, f"{role}_id", vocab[self.specials[role]] if role in self.specials else None)
+        self.vocab_size = self.tk.get_vocab_size()
+        added = {t.content for t in self.tk.get_added_tokens_decoder().values() if t.special}
+        self.special_tokens = added | set(self.specials.values())  # never text: 0 bytes, no random replacement
+        self.special_ids = sorted(vocab[t] for t in self.special_tokens if t in vocab)
+        self._words = None
+
+    def special_id(self, role: str) -> int | None:
+        return getattr(self, f"{role}_id", None)
+
+    def has(self, role: str) -> bool:
+        return self.special_id(role) is not None
+
+    has_pad = property(lambda self: self.pad_id is not None)
+    has_mask = property(lambda self: self.mask_id is not None)
+    has_cls = property(lambda self: self.cls_id is not None)
+    has_sep = property(lambda self: self.sep_id is not None)
+    has_bos = property(lambda self: self.bos_id is not None)
+    has_eos = property(lambda self: self.eos_id is not None)
+
+    def add_special(self, token: str, role: str) -> int:
+        """Give `role` to `token`, adding it to the vocabulary as a special token if it is new
+        (then vocab_size grows: resize the model's embedding, models/hf.add_special). Its id."""
+        if role not in ROLES:
+            raise ValueError(f"unknown special-token role {role!r}; one of {', '.join(ROLES)}")
+        if token not in self.tk.get_vocab():
+            self.tk.add_special_tokens([token])
+        self._set_specials({**self.specials, role: token})
+        return self.tk.get_vocab()[token]
+
+    def require(self, *roles: str, why: str) -> None:
+        """require_special for each role: a one-line error when the tokenizer lacks what `why` needs."""
+        for role in roles:
+            require_special(self, role, why)
 
     @classmethod
-    def from_file(cls, path) -> "Tokenizer":
+    def from_file(cls, path, specials: dict | None = None) -> "Tokenizer":
         from tokenizers import Tokenizer as TK
 
         try:
-            return cls(TK.from_file(str(path)))
+            tk = TK.from_file(str(path))
         except Exception as err:
             raise UserError(f"cannot load tokenizer {path}: {str(err).splitlines()[0]}") from None
+        return cls(tk, specials)
 
     def save(self, path) -> None:
         self.tk.save(str(path))
@@ -83,6 +177,7 @@ class Tokenizer:
         it is charged for in bits-per-byte, from the end of the previous token to its own end, so
         whitespace and characters a normaliser dropped count; each document's [SEP] gets the
         document's trailing bytes. A document's counts sum to len(doc.encode('utf-8')) exactly."""
+        require_special(self, "eos", "separates documents in the token stream")
         words = self._word_cache()
         if words is not None:
             return words.encode(docs) if not with_bytes else self._word_cache_bytes(words, docs)
@@ -149,8 +244,10 @@ class Tokenizer:
         """Whether encode_stream runs in Python (so worth several processes; `tokenizers` threads itself)."""
         return self._word_cache() is not None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, specials: bool = False) -> list[int]:
+        """The text's ids; specials=True adds the tokenizer's template (BERT's [CLS] ... [SEP],
+        Llama's <s> ...: the post-processor of an imported tokenizer.json; none for lmtk's)."""
+        return self.tk.encode(text, add_special_tokens=specials).ids
 
     def decode(self, ids) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=False)
@@ -161,8 +258,9 @@ class Tokenizer:
         whitespace and normalises), which is why bits-per-byte uses encode_stream(with_bytes=True)."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
         byte_level = type(self.tk.pre_tokenizer).__name__ == "ByteLevel"
+        specials = set(self.special_ids)
         for tok, i in self.tk.get_vocab().items():
-            if tok in SPECIALS:
+            if tok in self.special_tokens or tok in SPECIALS:
                 continue
             if byte_level:
                 out[i] = len(tok)  # byte-level alphabet: one character per byte
@@ -222,7 +320,9 @@ def get_tokenizer(cfg, source, runs_root: Path) -> tuple[Tokenizer, bool]:
 
     Returns (tokenizer, trained_now)."""
     if cfg.path:
-        return Tokenizer.from_file(resolve_tokenizer_path(cfg.path, runs_root)), False
+        tok = Tokenizer.from_file(resolve_tokenizer_path(cfg.path, runs_root))
+        tok.require("eos", why="pretraining (documents are separated by [SEP])")
+        return tok, False
     key = hashlib.sha256(repr((source.fingerprint(), cfg.kind, cfg.vocab_size, cfg.train_chars, cfg.lowercase)).encode())
     cached = cache_root() / "tokenizers" / f"{key.hexdigest()[:16]}.json"
     if cached.is_file():

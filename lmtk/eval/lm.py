@@ -1,7 +1,8 @@
-"""Language-model loss and bits-per-byte on held-out token windows.
+"""Language-model loss and bits-per-byte on held-out token windows: validation.
 
-Training's validation calls this, and so will `lmtk eval`: one definition of the number a
-run reports. Each objective gives per-target negative log-likelihoods and the positions of
+Training's validation (train/loop.py's evaluate) and `lmtk eval suite=ppl` both call
+validate(): one definition of the number a run reports, so the two agree exactly on the same
+data, checkpoint, token budget, batch size and seed. Each objective gives per-target negative log-likelihoods and the positions of
 its targets in the batch (`Objective.nll`); bits-per-byte divides their sum by the UTF-8
 bytes of text those targets stand for: the per-token byte counts stored beside the ids
 (TokenCache.val_bytes, Tokenizer.encode_stream(with_bytes=True)), gathered at the same
@@ -43,4 +44,31 @@ def lm_metrics(model, objectives: dict, data, *, tokens: int, batch_size: int, d
                 out[f"{name}_bpb"] = nats / math.log(2) / max(1, nbytes)
     finally:
         model.train(was_training)
+    return out
+
+
+def val_seed(cfg) -> int:
+    """Seed of validation's masking: val.seed, or (null) derived from the run's seed."""
+    return cfg.val.seed if cfg.val.seed is not None else cfg.seed + 12345
+
+
+def readings(objective, mask_rate: float, model) -> tuple[dict, str | None]:
+    """(name -> objective: the readings validation reports, a note or None). Every model gets its
+    causal and masked reading (objective.val_objectives); a model whose mixer reads left to right
+    only has no masked reading, and the note says so."""
+    objs = objective.val_objectives(mask_rate)
+    if model.causal_only:
+        objs.pop("mlm", None)
+        return objs, f"causal reading only (model.mixer={model.cfg.mixer['name']} reads left to right)"
+    return objs, None
+
+
+def validate(model, objectives: dict, data, *, main: str, tokens: int, batch_size: int, device, dtype, seed: int) -> dict:
+    """val/<name>_loss and val/<name>_bpb for each reading (lm_metrics), and val/loss, val/bpb:
+    the `main` reading's (the training objective's val_key)."""
+    m = lm_metrics(model, objectives, data, tokens=tokens, batch_size=batch_size, device=device, dtype=dtype, seed=seed)
+    out = {f"val/{k}": v for k, v in m.items()}
+    for k in ("loss", "bpb"):
+        if f"val/{main}_{k}" in out:
+            out[f"val/{k}"] = out[f"val/{main}_{k}"]
     return out

@@ -37,17 +37,22 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, max_new: int, temperature: float = 1.0, top_k: int | None = None,
-             gen: torch.Generator | None = None, max_len: int | None = None, top_p: float | None = None) -> torch.Tensor:
+             gen: torch.Generator | None = None, max_len: int | None = None, top_p: float | None = None,
+             stop=None) -> torch.Tensor:
     """Sample max_new tokens after ids ([B, T]) with incremental decoding: the prompt is one
     forward (prefill) that fills the model's cache (KV cache / recurrent state), then each new
     token is one step on it. Past max_len tokens the model sees the last max_len (a sliding
-    window: the cache is rebuilt from them every step)."""
+    window: the cache is rebuilt from them every step). `stop(ids) -> bool`, called after each
+    new token with the ids so far, ends generation early when it returns True (every row done:
+    stop strings, end of text); the result is then shorter than T + max_new."""
     max_len = max_len or model.cfg.max_seq_len
     cache = model.new_cache()
     logits = model(ids[:, -max_len:], causal=True, cache=cache)[:, -1]
     for _ in range(max_new):
         nxt = sample(logits, temperature, top_k, top_p, gen)
         ids = torch.cat([ids, nxt], dim=1)
+        if stop is not None and stop(ids):
+            break
         if cache.offset + 1 <= max_len:
             logits = model(nxt, causal=True, cache=cache)[:, -1]
         else:
@@ -74,19 +79,11 @@ def fill_mask(model, ids: torch.Tensor, mask_id: int, shift: int = 0) -> torch.T
     return torch.where(ids == mask_id, pred, ids)
 
 
-@torch.no_grad()
 def pseudo_log_likelihood(model, ids: torch.Tensor, mask_id: int, shift: int = 0, batch: int = 64) -> torch.Tensor:
     """Sum over positions of log p(x_p | x_without_p) (Salazar et al. 2020), one row per sequence [B].
-    Positions that cannot be predicted under the convention (p < shift) are skipped."""
-    B, T = ids.shape
-    out = torch.zeros(B)
-    positions = torch.arange(shift, T)
-    for b in range(B):
-        total = 0.0
-        for chunk in positions.split(batch):
-            x = ids[b].repeat(len(chunk), 1)
-            x[torch.arange(len(chunk)), chunk] = mask_id
-            logp = F.log_softmax(masked_logits(model, x, shift), dim=-1)
-            total += logp[torch.arange(len(chunk)), chunk, ids[b, chunk]].sum().item()
-        out[b] = total
-    return out
+    Positions that cannot be predicted under the convention (p < shift) are skipped. Batched
+    across positions and sequences by lmtk.eval.scoring.pseudo_log_likelihoods."""
+    from lmtk.eval.scoring import pseudo_log_likelihoods
+
+    return torch.tensor(pseudo_log_likelihoods(model, ids.tolist(), mask_id=mask_id, shift=shift, batch_size=batch,
+                                               device=ids.device), dtype=torch.float32)

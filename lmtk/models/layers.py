@@ -62,19 +62,35 @@ def make_norm(kind: str, d: int, bias: bool, eps: float | None = None) -> nn.Mod
     return RMSNorm(d, eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps, bias=bias)
 
 
+MLPS = ("gelu", "gelu-tanh", "gated-gelu", "swiglu")
+
+
+def activation(mlp: str):
+    """The MLP kind's activation: erf GELU (BERT's), tanh-approximated GELU (GPT-2's gelu_new), SiLU."""
+    if mlp == "swiglu":
+        return F.silu
+    if mlp == "gelu-tanh":
+        return _gelu_tanh
+    return F.gelu
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
 def default_d_ff(d_model: int, mlp: str) -> int:
-    if mlp == "gelu":
+    if mlp in ("gelu", "gelu-tanh"):
         return 4 * d_model
     return 64 * math.ceil(8 * d_model / 3 / 64)  # gated: same parameters as a 4x GELU MLP
 
 
 class MLP(nn.Module):
-    """gelu: W2 gelu(W1 x).  gated-gelu / swiglu: W2 (act(W1a x) * W1b x)."""
+    """gelu / gelu-tanh: W2 gelu(W1 x).  gated-gelu / swiglu: W2 (act(W1a x) * W1b x)."""
 
     def __init__(self, d: int, d_ff: int, kind: str, bias: bool, dropout: float):
         super().__init__()
-        self.gated = kind != "gelu"
-        self.act = F.silu if kind == "swiglu" else F.gelu
+        self.gated = kind in ("gated-gelu", "swiglu")
+        self.act = activation(kind)
         self.up = nn.Linear(d, d_ff * (2 if self.gated else 1), bias=bias)
         self.down = nn.Linear(d_ff, d, bias=bias)
         self.down.is_residual_out = True

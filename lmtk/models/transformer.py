@@ -2,7 +2,11 @@
 
 `hidden(idx, causal)` returns the final hidden states and `logits(h)` applies the head,
 so objectives can run the head on a subset of positions (sparse MLM prediction);
-`head_loss(h, targets)` is the head + mean cross-entropy fused, for training."""
+`head_loss(h, targets)` is the head + mean cross-entropy fused, for training.
+
+Imported BERT-family models (models/hf.py) add token type embeddings (type_vocab_size), the
+MLM head's transform before the decoder (head_transform) and its bias (head_bias), and a
+pooler (`pool(h)`: tanh(W h[:, 0] + b)); each is off by default, and absent when off."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from lmtk.models.fused_ce import linear_cross_entropy
-from lmtk.models.layers import MLP, ROPE_LAYOUTS, default_d_ff, make_norm, sinusoidal_table
+from lmtk.models.layers import MLP, MLPS, ROPE_LAYOUTS, activation, default_d_ff, make_norm, sinusoidal_table
 from lmtk.models.mixers import build_mixer
 
 
@@ -45,10 +49,18 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # Added for imported (Hugging Face) models; the defaults are the model before them, so a
+    # model.json or checkpoint meta without these keys builds the same model:
+    type_vocab_size: int = 0  # token type (segment) embeddings, added to the input (0: none)
+    head_transform: bool = False  # BERT's MLM head: dense -> the MLP's activation -> norm, before the decoder
+    head_bias: bool = False  # a bias on the LM head's logits (BERT's decoder bias)
+    pooler: bool = False  # dense + tanh on the first token's final hidden state (LanguageModel.pool)
 
     def __post_init__(self):
         from lmtk.models.mixers import mixer_config
 
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp={self.mlp!r}: one of {', '.join(MLPS)}")
         if self.d_ff is None:
             self.d_ff = default_d_ff(self.d_model, self.mlp)
         if self.rope_layout not in ROPE_LAYOUTS:
@@ -83,13 +95,17 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout)
 
-    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
-        """(x, the mixer's new state): state, offset and decode carry decoding (models/mixers)."""
+    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None):
+        """(x, the mixer's new state): state, offset and decode carry decoding (models/mixers);
+        attention_mask [B, T] (True at real tokens) reaches mixers that read both ways (attention):
+        a left-to-right mixer's outputs at real tokens of a right-padded batch do not depend on
+        the pads after them, and LanguageModel.hidden refuses other padding for such models."""
+        kw = {} if attention_mask is None or self.mixer.causal_only else {"attention_mask": attention_mask}
         if self.pre:
-            h, state = self.mixer(self.norm1(x), causal=causal, state=state, offset=offset, decode=decode)
+            h, state = self.mixer(self.norm1(x), causal=causal, state=state, offset=offset, decode=decode, **kw)
             x = x + h
             return x + self.mlp(self.norm2(x)), state
-        h, state = self.mixer(x, causal=causal, state=state, offset=offset, decode=decode)
+        h, state = self.mixer(x, causal=causal, state=state, offset=offset, decode=decode, **kw)
         x = self.norm1(x + h)
         return self.norm2(x + self.mlp(x)), state
 
@@ -99,6 +115,19 @@ def _scalar_pos_scale(state_dict, prefix, *args) -> None:
     key = prefix + "pos_scale"
     if key in state_dict and state_dict[key].dim() == 0:
         state_dict[key] = state_dict[key].reshape(1)
+
+
+class HeadTransform(nn.Module):
+    """BERT's MLM head transform: norm(act(W h + b)), applied before the (tied) decoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.act = activation(cfg.mlp)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
+
+    def forward(self, h):
+        return self.norm(self.act(self.dense(h)))
 
 
 @dataclass
@@ -129,9 +158,14 @@ class LanguageModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps) if cfg.norm_position == "pre" else nn.Identity()
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        # registered last (and only when on), so a model without them initialises as before
+        if cfg.type_vocab_size:
+            self.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        self.head_transform = HeadTransform(cfg) if cfg.head_transform else None
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
         self.apply(self._init)
         for block in self.blocks:  # mixers own their initialisation (decay spectra, gate biases)
             if hasattr(block.mixer, "init_weights"):
@@ -148,14 +182,39 @@ class LanguageModel(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, std)
 
-    def hidden(self, idx: torch.Tensor, causal: bool = True, cache: "DecodeCache | None" = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, causal: bool = True, cache: "DecodeCache | None" = None,
+               attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, T, D]. With a cache (decoding), idx continues the cached
-        sequence: positions start at cache.offset, each layer reads and replaces its state."""
+        sequence: positions start at cache.offset, each layer reads and replaces its state.
+
+        attention_mask [B, T] (True / 1 at real tokens, False / 0 at padding) scores a batch of
+        texts of unequal length: attention layers ignore padded keys (both readings), so each
+        real token's output equals the unpadded text's. Pad on the right: positions then start
+        at 0 for every text, and left-to-right layers (recurrent mixers), which read no mask,
+        are unaffected by the pads after the real tokens; a model with such layers refuses a
+        mask with padding before a real token. Outputs at padded positions are meaningless.
+
+        token_type_ids [B, T] (models with type_vocab_size > 0, BERT's segments): None is type 0
+        everywhere; models without token types refuse them."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.offset
+        if attention_mask is not None:
+            if cache is not None:
+                raise ValueError("attention_mask is for scoring padded batches, not for decoding with a cache")
+            attention_mask = attention_mask.to(device=idx.device, dtype=torch.bool)
+            if attention_mask.shape != idx.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match idx {tuple(idx.shape)}")
+            if self.causal_only and bool((attention_mask[:, 1:] & ~attention_mask[:, :-1]).any()):
+                raise ValueError("this model has left-to-right (recurrent) layers: pad batches on the right")
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing padded: the unmasked (fast) path
         if start + T > self.cfg.max_seq_len and self.cfg.positions in ("learned", "sinusoidal"):
             raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.cfg.max_seq_len} (a table of that many rows)")
         x = self.embed(idx)
+        if self.cfg.type_vocab_size:
+            x = x + (self.type_embed.weight[0] if token_type_ids is None else self.type_embed(token_type_ids))
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given, but this model has no token type embeddings (type_vocab_size=0)")
         if self.cfg.positions == "learned":
             x = x + self.pos.weight[start:start + T]
         elif self.cfg.positions == "sinusoidal":
@@ -166,9 +225,10 @@ class LanguageModel(nn.Module):
                 x, cache.states[i] = block(x, causal=causal, state=cache.states[i], offset=start, decode=True)
             elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # recompute the block in backward instead of storing its activations
-                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)[0]
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, None, 0, False, attention_mask,
+                                                      use_reentrant=False)[0]
             else:
-                x = block(x, causal=causal)[0]
+                x = block(x, causal=causal, attention_mask=attention_mask)[0]
         if cache is not None:
             cache.offset += T
         return self.final_norm(x)
@@ -186,7 +246,17 @@ class LanguageModel(nn.Module):
         return causal_only(self.cfg)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.head_transform is not None:
+            h = self.head_transform(h)
         return self.head(h)
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, D]: the pooler on the first token's hidden state, tanh(W h[:, 0] + b) (BERT's; what
+        its next-sentence and classification heads read). Only models with one (cfg.pooler;
+        `model.pooler is not None`)."""
+        if self.pooler is None:
+            raise ValueError("this model has no pooler (model.pooler is None); pool the hidden states another way")
+        return torch.tanh(self.pooler(h[:, 0]))
 
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                   chunk: Optional[int] = None, dispatch: bool = True) -> torch.Tensor:
@@ -195,12 +265,36 @@ class LanguageModel(nn.Module):
         None: fused_ce.DEFAULT_CHUNK) so that neither the [N, vocab] logits nor their gradient
         is ever materialised (models/fused_ce.py); dispatch: the plain head where rows x vocab is too
         small for that to pay (fused_ce.fused_pays)."""
+        if self.head_transform is not None:
+            h = self.head_transform(h)
         return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index,
                                     chunk=chunk, dispatch=dispatch)
 
-    def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True, cache=None) -> torch.Tensor:
-        h = self.hidden(idx, causal, cache)
+    def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True, cache=None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(idx, causal, cache, attention_mask, token_type_ids)
         return self.logits(h) if head else h
+
+    @torch.no_grad()
+    def resize_vocab(self, n: int) -> None:
+        """Grow the vocabulary to n tokens (a special token added to an imported tokenizer,
+        models/hf.add_special): the new embedding rows, untied head rows and head biases start at
+        the mean of the existing ones. cfg.vocab_size follows; a smaller n changes nothing."""
+        old = self.cfg.vocab_size
+        if n <= old:
+            return
+
+        def grow(p: nn.Parameter) -> nn.Parameter:
+            extra = p.mean(0, keepdim=True).expand(n - old, *p.shape[1:])
+            return nn.Parameter(torch.cat([p, extra]), requires_grad=p.requires_grad)
+
+        self.embed.weight = grow(self.embed.weight)
+        self.embed.num_embeddings = n
+        self.head.weight = self.embed.weight if self.cfg.tie_embeddings else grow(self.head.weight)
+        if self.head.bias is not None:
+            self.head.bias = grow(self.head.bias)
+        self.head.out_features = n
+        self.cfg.vocab_size = n
 
     def compile_blocks(self) -> None:
         """torch.compile each block (lazily, at its first call). Blocks share one graph per input
@@ -212,7 +306,10 @@ class LanguageModel(nn.Module):
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.embed.weight.numel() - (self.pos.weight.numel() if hasattr(self, "pos") else 0)
+        if embeddings:
+            return n
+        tables = [getattr(self, name, None) for name in ("embed", "pos", "type_embed")]
+        return n - sum(t.weight.numel() for t in tables if t is not None)
 
     def flops_per_token(self, seq_len: int, head_fraction: float = 1.0) -> float:
         """Training FLOPs per token: 6 x matmul params + attention scores (PaLM, app. B). The LM

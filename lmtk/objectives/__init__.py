@@ -15,6 +15,7 @@ import abc
 import torch
 import torch.nn.functional as F
 
+from lmtk.data.tokenizer import require_special
 from lmtk.errors import UserError
 
 VAL_MASK_RATE = 0.15  # default of val.mask_rate: validation masks 15% whatever the training rate
@@ -32,7 +33,7 @@ class Objective(abc.ABC):
         self._tok = tok
         self.vocab = tok.vocab_size
         self.mask_id = tok.mask_id
-        self.n_special = len(tok.special_ids)
+        self.n_special = len(tok.special_ids)  # lmtk's tokenizers: the specials are ids 0..n_special-1
         # training loss through model.head_loss (fused, chunked head + cross-entropy) unless
         # objective.fused_head=false; validation always runs the plain head (it needs per-target nll)
         self.fused_head = bool(getattr(cfg, "fused_head", True))
@@ -53,8 +54,12 @@ class Objective(abc.ABC):
 
     def val_objectives(self, mask_rate: float = VAL_MASK_RATE) -> dict:
         """The causal and the masked reading of this model, reported at every validation; the
-        masked one masks `mask_rate` (val.mask_rate) of the tokens."""
-        return {"clm": CLM(self.cfg, self._tok), "mlm": MLM(self.cfg, self._tok, rate=mask_rate)}
+        masked one masks `mask_rate` (val.mask_rate) of the tokens (only with a tokenizer that has
+        a mask token: an imported GPT-2 tokenizer has none)."""
+        out = {"clm": CLM(self.cfg, self._tok)}
+        if getattr(self._tok, "mask_id", None) is not None:
+            out["mlm"] = MLM(self.cfg, self._tok, rate=mask_rate)
+        return out
 
     def loss(self, model, batch: torch.Tensor, gen: torch.Generator, frac: float = 0.0):
         """(mean loss, metrics). `frac` is the budget fraction used so far, for objectives
@@ -96,8 +101,17 @@ class MLM(Objective):
 
     def __init__(self, cfg, tok, rate: float | None = None):
         super().__init__(cfg, tok)
+        require_special(tok, "mask", f"objective={self.name} (masked prediction) puts in place of the tokens it hides")
         self.rate = cfg.mask_rate if rate is None else rate
         self.head_fraction = self.rate
+        # random replacements are drawn from the non-special ids: n_special.. when the specials
+        # are ids 0..n-1 (lmtk's tokenizers), else through a table (imported tokenizers)
+        specials = tok.special_ids
+        self.replace_ids = None
+        if specials != list(range(len(specials))):
+            keep = torch.ones(self.vocab, dtype=torch.bool)
+            keep[[i for i in specials if i < self.vocab]] = False
+            self.replace_ids = keep.nonzero().squeeze(1)
 
     def corrupt(self, batch, gen, rate: float | None = None, first: int = 0):
         """(corrupted batch, selected positions [B, k]); positions drawn from first..L-1."""
@@ -111,7 +125,13 @@ class MLM(Objective):
         rows = torch.arange(B, device=batch.device)[:, None]
         x[rows, pos[:, :n_mask]] = self.mask_id
         if n_rand:
-            rand = torch.randint(self.n_special, self.vocab, (B, n_rand), generator=gen, device=batch.device)
+            if self.replace_ids is None:
+                rand = torch.randint(self.n_special, self.vocab, (B, n_rand), generator=gen, device=batch.device)
+            else:
+                if self.replace_ids.device != batch.device:  # moved once, not every step
+                    self.replace_ids = self.replace_ids.to(batch.device)
+                table = self.replace_ids
+                rand = table[torch.randint(0, len(table), (B, n_rand), generator=gen, device=batch.device)]
             x[rows, pos[:, n_mask : n_mask + n_rand]] = rand
         return x, pos
 
@@ -132,3 +152,34 @@ def objective_class(name: str) -> type[Objective]:
 
 def build_objective(cfg, tok) -> Objective:
     return objective_class(cfg.name)(cfg, tok)
+
+
+class Labelled:
+    """Next-token prediction scored only where a label is given: batches are inputs and
+    targets stacked, [B, 2, L] (lmtk.data.synthetic.MQARData), and every row has the same
+    number of scored positions (targets other than IGNORE; MQAR: the kv query positions), so
+    the head runs on those rows alone, as MLM's sparse prediction does. For synthetic tasks
+    trained by eval suites (lmtk.eval.mqar); not a choice of objective= for `lmtk train`."""
+
+    name = "labelled"
+    masked_shift = 0
+    val_key = "labelled"
+    bidirectional = False
+
+    def __init__(self, scored_per_row: int, seq_len: int):
+        self.k = scored_per_row
+        self.head_fraction = scored_per_row / seq_len  # for FLOPs / MFU
+
+    def predict(self, model, batch: torch.Tensor):
+        """(hidden states [B, k, d] at the scored positions, their targets [B, k])."""
+        from lmtk.data.synthetic import IGNORE
+
+        inputs, targets = batch[:, 0], batch[:, 1]
+        h = model.hidden(inputs, causal=True)
+        # the k scored positions of each row, in order, without a host sync (nonzero() would sync)
+        pos = (targets != IGNORE).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : self.k]
+        return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])), targets.gather(1, pos)
+
+    def loss(self, model, batch: torch.Tensor, gen: torch.Generator, frac: float = 0.0):
+        h, targets = self.predict(model, batch)
+        return model.head_loss(h, targets), {}

@@ -24,8 +24,9 @@ import torch
 
 from lmtk.device import autocast, peak_tflops
 from lmtk.errors import UserError
+from lmtk.eval.lm import val_seed, validate  # validation lives in lmtk.eval; the loop calls it
 from lmtk.train.budget import Budget, TrainState, micro_steps
-from lmtk.train.optim import build_optimizer, step_unless
+from lmtk.train.optim import build_optimizer, set_lr, step_unless
 from lmtk.train.schedule import lr_factor
 
 
@@ -43,12 +44,18 @@ class Diverged(UserError):
 
 @dataclass
 class Job:
-    """What the loop needs; built by the command (train, later finetune/distill)."""
+    """What the loop needs; built by the command (train, finetune, later distill).
+
+    train_data.get(sample, count) gives a batch: a tensor of token windows (pretraining) or a
+    dict of tensors (labelled, padded batches: input_ids, attention_mask, labels); either way
+    the data position is one integer. An objective with count(batch) has its micro-batches
+    weighted by that count (examples, tokens) rather than equally. `validate(model) -> metrics`
+    replaces the language-model validation (a task's metric, per epoch with val.every)."""
 
     cfg: Any
     model: torch.nn.Module
     objective: Any
-    train_data: Any  # Batches
+    train_data: Any  # Batches, or any source with .n (windows per epoch) and .get(start, count, pin) -> a batch with .to()
     val_data: Any  # Batches or None
     val_objectives: dict  # name -> objective, reported as val/<name>_loss and _bpb
     run: Any  # RunDir
@@ -61,6 +68,10 @@ class Job:
     tokenizer_json: str = ""  # saved into every checkpoint, so it stands alone
     data_meta: dict = field(default_factory=dict)  # token counts of the data, checked on resume
     scaler: Any = None  # set by fit: the GradScaler under fp16
+    validate: Any = None  # callable(model) -> {"val/...": value}; None: lm_metrics on val_data
+    meta: dict = field(default_factory=dict)  # more keys for every checkpoint's meta.json (finetune: peft, task, head)
+    seq_len: Any = None  # tokens per sample for FLOPs (None: data.seq_len)
+    checkpoints: bool = True  # False: train and return, writing nothing (an eval suite's training on synthetic data)
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -89,30 +100,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def val_seed(cfg) -> int:
-    """Seed of validation's masking: val.seed, or (null) derived from the run's seed."""
-    return cfg.val.seed if cfg.val.seed is not None else cfg.seed + 12345
-
-
 def evaluate(job: Job, model=None) -> dict:
-    """val/<objective>_loss and _bpb on a fixed number of validation tokens, fixed masking seed
-    (lmtk.eval.lm: the same numbers `lmtk eval` reports)."""
-    from lmtk.eval.lm import lm_metrics
-
+    """Validation: lmtk.eval.lm.validate on the job's val data (the same numbers `lmtk eval
+    suite=ppl` reports)."""
     # Rank 0 validates alone, except under FSDP: there every forward is a collective (the
     # all-gathers), so all ranks run the same batches and get the same numbers.
-    if job.val_data is None or (job.dist is not None and not job.dist.main and not job.dist.fsdp):
+    if job.dist is not None and not job.dist.main and not job.dist.fsdp:
         return {}
-    m = lm_metrics(model or job.model, job.val_objectives, job.val_data, tokens=job.cfg.val.tokens,
-                   batch_size=job.cfg.train.micro_batch_size, device=job.device, dtype=job.dtype,
-                   seed=val_seed(job.cfg))
-    out = {f"val/{k}": v for k, v in m.items()}
-    main = job.objective.val_key
-    if f"val/{main}_loss" in out:
-        out["val/loss"] = out[f"val/{main}_loss"]
-    if f"val/{main}_bpb" in out:
-        out["val/bpb"] = out[f"val/{main}_bpb"]
-    return out
+    if job.validate is not None:
+        return job.validate(model or job.model)
+    if job.val_data is None:
+        return {}
+    return validate(model or job.model, job.val_objectives, job.val_data, main=job.objective.val_key,
+                    tokens=job.cfg.val.tokens, batch_size=job.cfg.train.micro_batch_size, device=job.device,
+                    dtype=job.dtype, seed=val_seed(job.cfg))
 
 
 class _Signals:
@@ -142,7 +143,8 @@ class _Signals:
         if self.signum is None:
             self.signum, self.first_at = signum, time.monotonic()
             if self.main:
-                print("stopping after this step to write a checkpoint (signal again to exit at once)", file=sys.stderr, flush=True)
+                then = " to write a checkpoint" if self.job.checkpoints else ""
+                print(f"stopping after this step{then} (signal again to exit at once)", file=sys.stderr, flush=True)
             return
         if time.monotonic() - self.first_at < self.REPEAT_S:  # the same Ctrl-C, forwarded by torchrun
             return
@@ -192,10 +194,15 @@ class _StepModel:
     def __init__(self, model, ddp=None):
         self.model, self.ddp = model, ddp
 
-    def hidden(self, idx, causal: bool = True):
+    def hidden(self, idx, causal: bool = True, attention_mask=None):
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask}
         if self.ddp is None:
-            return self.model.hidden(idx, causal)
-        return self.ddp(idx, causal=causal, head=False)
+            return self.model.hidden(idx, causal, **kw)
+        return self.ddp(idx, causal=causal, head=False, **kw)
+
+    def __call__(self, *args, **kw):
+        """The model's forward (a task model's: logits of the classes), through DDP when data-parallel."""
+        return (self.model if self.ddp is None else self.ddp)(*args, **kw)
 
     def logits(self, h):
         return self.model.logits(h)
@@ -268,32 +275,67 @@ def _prepare(job: Job, dist):
     return opt, scaler, state, step_model
 
 
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+def batch_tokens(batch) -> int:
+    """Tokens in a batch (on the host): a window tensor's size, a padded batch's real tokens."""
+    if isinstance(batch, dict):
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    return batch.numel()
+
+
 def _forward_backward(job: Job, step_model, state: TrainState, n_micro: int, frac: float, dist):
     """The step's micro-batches, gradients accumulated. Returns (this rank's mean loss, the
-    objective's metrics)."""
+    objective's metrics, tokens this rank saw). An objective with count(batch) (examples,
+    real tokens) weights each micro-batch's mean loss by its count over the step's total on
+    all ranks, so the step's loss is the mean over examples, not a mean of means; without it
+    every micro-batch weighs the same (pretraining's windows are all alike)."""
     mbs, world = job.cfg.train.micro_batch_size, dist.world
     step_loss = torch.zeros((), device=job.device)
     obj_metrics: dict = {}
+    tokens = 0
+    pin = job.device.type == "cuda"
+    count = getattr(job.objective, "count", None)
+    # Rank r takes the r-th slice of each global micro-batch and the same seed a single process
+    # would use for it: N ranks == one process accumulating N.
+    fetch = lambda micro: job.train_data.get(state.samples + (micro * world + dist.rank) * mbs, mbs, pin=pin)  # noqa: E731
+    batches = counts = total = None
+    if count is not None:  # the counts of the whole step first: each micro-batch's weight needs their total
+        batches = [fetch(m) for m in range(n_micro)]
+        counts = [float(count(b)) for b in batches]
+        total = torch.tensor(sum(counts), dtype=torch.float64)
+        if dist.enabled:
+            total = total.to(job.device)
+            dist.all_reduce_(total)
+        total = max(float(total), 1e-12)
     try:
         for micro in range(n_micro):
-            # Rank r takes the r-th slice of this global micro-batch and the same seed a
-            # single process would use for it: N ranks == one process accumulating N.
-            batch = job.train_data.get(state.samples + dist.rank * mbs, mbs, pin=job.device.type == "cuda")
-            batch = batch.to(job.device, non_blocking=True)
+            batch = batches[micro] if batches is not None else fetch(0)
+            tokens += batch_tokens(batch)
+            batch = _to_device(batch, job.device)
             gen = torch.Generator(job.device).manual_seed(step_seed(job.cfg.seed, state.step, micro * world + dist.rank))
             with step_model.sync(micro == n_micro - 1):
                 with autocast(job.device, job.dtype):  # forward only: backward runs in the forward's dtypes
                     loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
-                scaled = loss / n_micro
+                # DDP averages gradients over ranks, hence x world for count weights
+                scaled = loss / n_micro if counts is None else loss * (counts[micro] * world / total)
                 (job.scaler.scale(scaled) if job.scaler else scaled).backward()
-            step_loss += loss.detach().float() / (n_micro * world)
-            state.samples += mbs * world
+            step_loss += loss.detach().float() / (n_micro * world) if counts is None else loss.detach().float() * (counts[micro] / total)
+            if batches is None:
+                state.samples += mbs * world
+        if batches is not None:
+            state.samples += n_micro * mbs * world
     except torch.OutOfMemoryError:
         raise UserError(
             f"out of GPU memory at train.micro_batch_size={mbs}; lower it (e.g. train.micro_batch_size={max(1, mbs // 2)}) "
             "-- train.batch_size stays the same through gradient accumulation"
         ) from None
-    return step_loss, obj_metrics
+    return step_loss, obj_metrics, tokens
 
 
 def _agree(dist, step_loss: torch.Tensor, requested: int, clock: _Clock) -> int:
@@ -359,8 +401,8 @@ def fit(job: Job) -> dict:
     meter = _Meter(device, state, clock)
     guard = _Guard(state, cfg.guard.max_bad_steps, device)
     peak = peak_tflops(device, tc.peak_tflops)
-    flops_tok = job.model.flops_per_token(cfg.data.seq_len, job.objective.head_fraction)
-    world, L = dist.world, cfg.data.seq_len
+    world, L = dist.world, job.seq_len or cfg.data.seq_len
+    flops_tok = job.model.flops_per_token(L, job.objective.head_fraction)
     metrics: dict = {}
     val_metrics: dict = {}
     stop = 0
@@ -371,10 +413,9 @@ def fit(job: Job) -> dict:
         while budget.fraction(state) < 1.0 and not stop:
             frac = budget.fraction(state)
             lr = tc.lr * lr_factor(cfg.schedule, frac)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, lr)  # x each group's lr_scale (a task head's)
             n_micro = micro_steps(tc, frac, world)
-            step_loss, obj_metrics = _forward_backward(job, step_model, state, n_micro, frac, dist)
+            step_loss, obj_metrics, step_tokens = _forward_backward(job, step_model, state, n_micro, frac, dist)
             if job.scaler:
                 job.scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
@@ -385,7 +426,7 @@ def fit(job: Job) -> dict:
             guard.update(bad)
             meter.add(step_loss, bad)
             state.step += 1
-            state.tokens += n_micro * tc.micro_batch_size * world * L
+            state.tokens += step_tokens * world  # pretraining: n_micro x micro_batch_size x world x seq_len
             state.seconds = clock.seconds()
 
             done = budget.fraction(state) >= 1.0
@@ -414,6 +455,8 @@ def fit(job: Job) -> dict:
     if stop:
         path = save(job, f"step-{state.step:06d}", opt, state)
         name = "SIGINT" if stop == signal.SIGINT else "SIGTERM"
+        if not job.checkpoints:
+            raise Interrupted(stop, f"{name}: stopped at step {state.step} (this training keeps no checkpoints)")
         raise Interrupted(stop, f"{name}: stopped at step {state.step}, checkpoint {path}; "
                                 f"continue with resume=auto run.name={cfg.run.name}")
     val_metrics = _validate(job, clock, state.step, dist) or val_metrics
@@ -447,9 +490,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def save(job: Job, tag: str, opt, state: TrainState, rotate: bool = True) -> os.PathLike | None:
-    """Rank 0 writes the checkpoint; the other ranks wait for it."""
+    """Rank 0 writes the checkpoint; the other ranks wait for it. Nothing for a job with
+    checkpoints=False."""
     from omegaconf import OmegaConf
 
+    if not job.checkpoints:
+        return None
     weights = optim = None
     if job.dist is not None and job.dist.fsdp:  # a collective: every rank gathers, rank 0 gets the full state
         from lmtk.dist import full_state
@@ -467,7 +513,7 @@ def save(job: Job, tag: str, opt, state: TrainState, rotate: bool = True) -> os.
     meta = {
         "tag": tag, "step": state.step, "tokens": state.tokens, "model": job.model_meta,
         "objective": {"name": job.objective.name, "masked_shift": job.objective.masked_shift},
-        "data": job.data_meta,
+        "data": job.data_meta, **job.meta,
     }
     path = job.run.save_checkpoint(
         tag, job.model, payload, meta, tokenizer=job.tokenizer_json, config=OmegaConf.to_yaml(job.cfg, resolve=True),

@@ -13,6 +13,7 @@ from lmtk import device as devices
 from lmtk.data.packing import Batches, TokenCache, unigram_bpb
 from lmtk.data.sources import Source
 from lmtk.data.tokenizer import copy_tokenizer, get_tokenizer
+from lmtk.eval.lm import readings
 from lmtk.errors import UserError
 from lmtk.log import console, make_sinks, null_sinks
 from lmtk.models import build_model, model_config
@@ -113,8 +114,17 @@ def cpu_budget_note(cfg, dev: torch.device) -> str | None:
     )
 
 
+def refuse_finetune_settings(cfg) -> None:
+    """base=, task= and peft= belong to `lmtk finetune`; `lmtk train` would ignore them."""
+    for key, unset in (("base", None), ("task.source", "none"), ("peft.method", "full")):
+        if OmegaConf.select(cfg, key) != unset:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)} is a fine-tuning setting: use lmtk finetune (lmtk train pretrains)")
+
+
 def run(cfg, recipe: str, overrides: list[str]) -> dict:
     from lmtk import dist as distributed
+
+    refuse_finetune_settings(cfg)
 
     dev, dtype = devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)
     dist = distributed.init(dev.type, cfg.launcher.strategy)
@@ -150,6 +160,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "model.vocab_size", mcfg.vocab_size)
     _check_mixer_reads_both_ways(cfg, mcfg)
+    build_objective(cfg.objective, tok)  # refuses what the tokenizer lacks (a mask token) before any run directory
     data_meta = {"train_tokens": int(cache.meta["train_tokens"]), "val_tokens": int(cache.meta["val_tokens"])}
     # checks that refuse a resume before any run directory is created or changed
     same = ckpt is not None and resume.same_run(cfg, name, ckpt)
@@ -201,14 +212,13 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
-    val_objectives = objective.val_objectives(cfg.val.mask_rate)
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
     n_params = model.num_params()
-    if model.causal_only:  # a recurrent mixer has no masked reading: validate the causal one only
-        val_objectives.pop("mlm", None)
-        sinks.console.message(f"validation: causal reading only (model.mixer={mcfg.mixer['name']} reads left to right)")
+    val_objectives, note = readings(objective, cfg.val.mask_rate, model)  # causal-only mixers: no masked reading
+    if note:
+        sinks.console.message(f"validation: {note}")
     if rundir is not None:
         sinks.console.message(
             f"[bold]{cfg.run.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params | {objective.name} | "

@@ -4,7 +4,9 @@ The contract every mixer keeps:
 
     forward(x [B, T, D], causal=True, state=None, offset=0, decode=False) -> (y [B, T, D], new_state)
 
-`causal` is chosen at call time, so one model switches between causal and bidirectional
+Mixers that read both ways (attention) also take `attention_mask` [B, T] (True at real
+tokens) for padded batches; left-to-right mixers never get one (LanguageModel.hidden: right
+padding only, which cannot reach a real token's output). `causal` is chosen at call time, so one model switches between causal and bidirectional
 use (a mixer that cannot read both ways sets `causal_only = True`: the model then has no
 masked reading). Decoding passes `decode=True`, the layer's state from the previous call (None
 at the start) and `offset`, the absolute position of x's first token; the mixer returns its

@@ -8,7 +8,9 @@ on GPU), with grouped-query heads, an optional sliding window and a KV cache for
 Decoding passes the cache of earlier positions as `state` = (k, v) [B, n_kv_heads, S, Dh] and
 the absolute position of the first new token as `offset`. Queries then sit at the bottom right
 of the score matrix (query i is position offset + i); SDPA's `is_causal` aligns them top-left,
-so with a cache (or a window) the mask is built explicitly."""
+so with a cache (or a window) the mask is built explicitly. A padded batch passes
+attention_mask [B, S] (True at real tokens): padded keys are masked out for every query (a
+query always sees itself, so a padded query's row is never empty, which would give NaN)."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(self.head_dim, cfg.rope_base, cfg.max_seq_len, cfg.rope_layout) if cfg.positions == "rope" else None
         self.half = self.rotary is not None and cfg.rope_layout == "half"
 
-    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False):
+    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None):
         """(y [B, T, D], new state). Decoding (decode=True) returns the KV cache extended by this
         call's keys and values (cut to the window); training returns None."""
         B, T, D = x.shape
@@ -72,6 +74,10 @@ class Attention(nn.Module):
             k = torch.cat([state[0], k], dim=2)
             v = torch.cat([state[1], v], dim=2)
         mask, is_causal = self._mask(T, k.shape[2], causal, x.device)
+        if attention_mask is not None:
+            if is_causal:  # the causal kernel's implicit mask, made explicit to combine with the keys'
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask, is_causal = self._key_mask(mask, attention_mask, T), False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv != self.n_heads,
@@ -94,6 +100,15 @@ class Attention(nn.Module):
         if self.window is not None:
             allowed &= j > i - self.window
         return allowed, False
+
+    @staticmethod
+    def _key_mask(mask, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+        """[B, 1, T, S]: `mask` ([T, S] or None: all keys) without the padded keys, the diagonal kept."""
+        S = attention_mask.shape[1]
+        keys = attention_mask[:, None, None, :].bool()  # [B, 1, 1, S]
+        allowed = keys if mask is None else keys & mask
+        own = torch.arange(T, device=keys.device)[:, None] + (S - T) == torch.arange(S, device=keys.device)[None, :]
+        return allowed | own
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of the score and value matmuls (fwd + bwd): 12 x width x the
