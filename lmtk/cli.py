@@ -29,6 +29,20 @@ def _split(args: Optional[List[str]]) -> tuple[str, list[str]]:
     return "default", args
 
 
+def _launch_or_run(command: str, recipe: str, overrides: list[str], cfg, run) -> None:
+    """run(cfg, recipe, overrides) here, or under launcher.nproc=N: N ranks started by lmtk.launch
+    (bad settings fail here with one line, not once per rank)."""
+    if cfg.launcher.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from lmtk import device as devices
+        from lmtk.launch import launch
+        from lmtk.train.pretrain import check_parallel
+
+        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)[1])
+        rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
+        raise typer.Exit(launch(cfg.launcher.nproc, [command, recipe, *rest]))
+    run(cfg, recipe, overrides)
+
+
 @app.command(context_settings={"ignore_unknown_options": True})
 def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...")):
     """Pretrain a language model (CLM, MLM) on a step, token, epoch or wall-clock budget."""
@@ -36,18 +50,7 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
     from lmtk.train.pretrain import run
 
     recipe, overrides = _split(args)
-    cfg = compose(recipe, overrides)
-    if cfg.launcher.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from lmtk import device as devices
-        from lmtk.train.pretrain import check_parallel
-
-        from lmtk.launch import launch
-
-        # bad settings fail here with one line, not once per rank
-        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)[1])
-        rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
-        raise typer.Exit(launch(cfg.launcher.nproc, ["train", recipe, *rest]))
-    run(cfg, recipe, overrides)
+    _launch_or_run("train", recipe, overrides, compose(recipe, overrides), run)
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
@@ -60,16 +63,7 @@ def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] bas
     recipe, overrides = _split(args)
     if recipe == "default":
         recipe = "finetune"
-    cfg = compose(recipe, overrides)
-    if cfg.launcher.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from lmtk import device as devices
-        from lmtk.launch import launch
-        from lmtk.train.pretrain import check_parallel
-
-        check_parallel(cfg.copy(), cfg.launcher.nproc, devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)[1])
-        rest = [o for o in overrides if not o.startswith("launcher.nproc=")]
-        raise typer.Exit(launch(cfg.launcher.nproc, ["finetune", recipe, *rest]))
-    run(cfg, recipe, overrides)
+    _launch_or_run("finetune", recipe, overrides, compose(recipe, overrides), run)
 
 
 @app.command()

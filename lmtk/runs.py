@@ -11,6 +11,7 @@ what is inside a checkpoint, and loading one, is lmtk.checkpoint's business.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -196,6 +197,24 @@ class RunDir:
 
     def finish(self, status: str, **fields) -> None:
         self.update_info(status=status, updated=_now(), **fields)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """The part of a command that writes this run (train, finetune): run.json ends
+        `interrupted` on Ctrl-C / SIGTERM, `failed` with the error's first line on any other
+        error, and the lock is released whatever happens. The body marks `done` itself."""
+        from lmtk.train.loop import Interrupted
+
+        try:
+            yield self
+        except (Interrupted, KeyboardInterrupt):
+            self.finish("interrupted")
+            raise
+        except BaseException as err:
+            self.finish("failed", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+            raise
+        finally:
+            self.unlock()
 
     # ---- checkpoints --------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:

@@ -26,7 +26,7 @@ from lmtk.finetune.base import Base, resolve_base
 from lmtk.log import console, make_sinks, null_sinks
 from lmtk.runs import RunDir, runs_root
 from lmtk.train import resume
-from lmtk.train.loop import Interrupted, Job, fit
+from lmtk.train.loop import Job, fit
 
 SUITE = "finetune"  # eval/<suite>.json, the eval framework's layout
 
@@ -96,7 +96,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         return _train(cfg, None, base, model, info, task, data, dev, dtype, ckpt, dist, data_meta, ft_meta)
     continuing = same or (ckpt is None and cfg.resume == "auto")
     rundir, existed = RunDir.prepare(root, name, resume=continuing, overwrite=cfg.run.overwrite)
-    try:
+    with rundir.recording():
         rundir.truncate_metrics(ckpt_step)
         if not existed or not same:
             write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
@@ -112,14 +112,6 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         summary = _train(cfg, rundir, base, model, info, task, data, dev, dtype, ckpt, dist, data_meta, ft_meta)
         rundir.finish("done", summary=summary)
         return summary
-    except (Interrupted, KeyboardInterrupt):
-        rundir.finish("interrupted")
-        raise
-    except BaseException as err:
-        rundir.finish("failed", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise
-    finally:
-        rundir.unlock()
 
 
 def _take_model_config(cfg, base: Base) -> None:

@@ -21,7 +21,7 @@ from lmtk.objectives import build_objective
 from lmtk.checkpoint import write_atomic
 from lmtk.runs import RunDir, runs_root
 from lmtk.train import resume
-from lmtk.train.loop import Interrupted, Job, fit
+from lmtk.train.loop import Job, fit
 
 
 def _run_name(cfg) -> str:
@@ -169,7 +169,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         return _train(cfg, None, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta)
     continuing = same or (ckpt is None and cfg.resume == "auto")
     rundir, existed = RunDir.prepare(root, name, resume=continuing, overwrite=cfg.run.overwrite)
-    try:
+    with rundir.recording():
         rundir.truncate_metrics(ckpt_step)  # drop rows logged after the checkpoint we resume from
         if not existed or not same:  # a new run (also one started from another run's checkpoint) gets its files
             write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
@@ -183,14 +183,6 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta)
         rundir.finish("done", summary=summary)
         return summary
-    except (Interrupted, KeyboardInterrupt):
-        rundir.finish("interrupted")
-        raise
-    except BaseException as err:
-        rundir.finish("failed", error=str(err).splitlines()[0] if str(err) else type(err).__name__)
-        raise
-    finally:
-        rundir.unlock()
 
 
 def _check_mixer_reads_both_ways(cfg, mcfg) -> None:
