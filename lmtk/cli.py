@@ -128,7 +128,9 @@ def runs(
         return
     t = Table(title=f"runs in {root or os.environ.get('LMTK_RUNS', 'runs')}")
     for col in ("name", "kind", "status", "steps", "tokens", "val loss", "eval", "created"):
-        t.add_column(col, justify="right" if col in ("steps", "tokens", "val loss") else "left")
+        # names and numbers are never cut or wrapped; the eval headlines (one line per suite) wrap
+        t.add_column(col, justify="right" if col in ("steps", "tokens", "val loss") else "left",
+                     no_wrap=col != "eval", overflow="fold" if col == "eval" else "ellipsis")
     for r in rows:
         vl = r.get("val_loss")
         t.add_row(
@@ -136,10 +138,12 @@ def runs(
             f"{r['steps']:,}" if r.get("steps") is not None else "-",
             f"{r['tokens']:,}" if r.get("tokens") is not None else "-",
             f"{vl:.4f}" if vl is not None else "-",
-            ", ".join(f"{suite} {h['score']}={h['value']:.3f}" for suite, h in (r.get("eval") or {}).items()) or "-",
-            r.get("created", "?"),
+            "\n".join(f"{suite} {h['score']}={h['value']:.3f}" for suite, h in (r.get("eval") or {}).items()) or "-",
+            str(r.get("created", "?"))[:16],
         )
     console.file = sys.stdout
+    if not sys.stdout.isatty():  # piped or captured: rich's 80 columns would cut the names
+        console.width = max(console.width, 140)
     console.print(t)
 
 
