@@ -278,3 +278,23 @@ def test_masked_readings_refused_for_a_causal_only_run(lmtk_env, tmp_path):
     got = json.loads((lmtk_env.runs / "g" / "eval" / "ppl.json").read_text())
     assert "mlm_loss" not in got["scores"] and any("causal reading only" in n for n in got["notes"])
     assert got["scores"]["loss"] == last_val(lmtk_env.runs / "g")["val/loss"]
+
+
+def test_rows_of_several_runs_are_keyed_by_all_their_leading_columns():
+    """mqar's cells are (seq_len, kv_pairs): two runs side by side keep one row per cell, not
+    one per seq_len (which kept only the last kv's value)."""
+    from rich.console import Console
+
+    from lmtk.eval.results import tables
+
+    def payload(name, accs):
+        rows = [{"seq_len": 64, "kv_pairs": kv, "accuracy": a, "steps": 400} for kv, a in zip((4, 8), accs)]
+        return {"suite": "mqar", "target": name, "scores": {"accuracy": sum(accs) / 2}, "samples": 2, "notes": [], "rows": rows}
+
+    t = tables([payload("a", [0.9, 0.1]), payload("b", [0.3, 0.2])])[-1]
+    assert [c.header for c in t.columns] == ["seq_len", "kv_pairs", "a", "b"]
+    assert t.row_count == 2
+    out = Console(width=120, record=True)
+    out.print(t)
+    text = out.export_text()
+    assert "0.9000" in text and "0.1000" in text and "0.3000" in text

@@ -131,21 +131,30 @@ def tables(results: list[dict]) -> list:
                 d.add_row(*[fmt(row.get(c, "-")) for c in cols])
             out.append(d)
             continue
-        label = next(iter(next(r for r in rows if r)[0]))
+        # a row is named by its leading columns that are not measurements (floats): e.g. mqar's
+        # (seq_len, kv_pairs), passkey's (length, depth); the first float is the value compared
+        first = next(r for r in rows if r)[0]
+        labels = []
+        for k, v in first.items():
+            if isinstance(v, float):
+                break
+            labels.append(k)
+        labels = labels or [next(iter(first))]
         values = {}
         value_col = None
         for n, rr in zip(names, rows):
             for row in rr:
-                num = [k for k, v in row.items() if k != label and isinstance(v, float)]
+                num = [k for k, v in row.items() if k not in labels and isinstance(v, float)]
                 if not num:
                     continue
                 value_col = value_col or num[0]
-                values.setdefault(row.get(label), {})[n] = row.get(value_col)
-        d = Table(title=f"{suite}: {value_col or 'value'} by {label}")
-        d.add_column(label)
+                values.setdefault(tuple(row.get(c) for c in labels), {})[n] = row.get(value_col)
+        d = Table(title=f"{suite}: {value_col or 'value'} by {', '.join(labels)}")
+        for c in labels:
+            d.add_column(c)
         for n in names:
             d.add_column(n, justify="right")
         for key, per in values.items():
-            d.add_row(str(key), *[fmt(per.get(n, "-")) for n in names])
+            d.add_row(*[str(k) for k in key], *[fmt(per.get(n, "-")) for n in names])
         out.append(d)
     return out
