@@ -66,6 +66,20 @@ def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] bas
     _launch_or_run("finetune", recipe, overrides, compose(recipe, overrides), run)
 
 
+@app.command(context_settings={"ignore_unknown_options": True})
+def distill(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] teacher=RUN [model/mixer=NAME] [model.layers=...] "
+                                                        "[distill.init=...] [distill.stages=[mixer:0.1,kd:0.9]] [key=value ...]",
+                                                        metavar="[RECIPE] [OVERRIDES]...")):
+    """Distil a Transformer teacher into a student with subquadratic mixers: weight transfer, alignment stages, KD."""
+    from lmtk.config import compose
+    from lmtk.distill.run import run
+
+    recipe, overrides = _split(args)
+    if recipe == "default":
+        recipe = "distill"
+    _launch_or_run("distill", recipe, overrides, compose(recipe, overrides), run)
+
+
 @app.command()
 def recipes():
     """List the recipes shipped with lmtk."""

@@ -200,7 +200,9 @@ def _check_model(cfg) -> None:
     knobs = m.mixer if isinstance(m.mixer, str) else OmegaConf.to_container(m.mixer, resolve=True)
     mixer = mixer_config({"name": knobs} if isinstance(knobs, str) else knobs)
     layers = m.layers if m.layers is None or isinstance(m.layers, str) else list(m.layers)
-    layer_mixers(layers, m.n_layers, mixer["name"])
+    # lmtk distill: the student has its teacher's layers, so the pattern's length is checked against them later
+    n_layers = m.n_layers if cfg.get("teacher") is None or layers is None else len(layers if not isinstance(layers, str) else layers.replace(" ", ""))
+    layer_mixers(layers, n_layers, mixer["name"])
     OmegaConf.set_struct(cfg, False)
     m.mixer = mixer
     OmegaConf.set_struct(cfg, True)

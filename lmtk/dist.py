@@ -11,6 +11,7 @@ resumes every checkpoint and `lmtk generate` needs no torch.distributed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -78,6 +79,35 @@ def shutdown() -> None:
 # ---- FSDP2 ----------------------------------------------------------------------------------
 
 _FULL = dict(full_state_dict=True, cpu_offload=True)
+
+
+@contextlib.contextmanager
+def session(cfg, refuse_fsdp: str | None = None):
+    """What a command that trains (train, finetune, distill) does around its work: the device and
+    precision, the process group under launcher.nproc / torchrun (each rank on its own GPU), the
+    batch settings checked against the ranks (a note when each rank's micro-batch was lowered),
+    and at the end a barrier (a rank tearing gloo down while rank 0 still works can abort it)
+    and the group's shutdown. Yields (device, dtype, Dist). `refuse_fsdp`: the one-line error for
+    launcher.strategy=fsdp in a command that does not shard."""
+    from lmtk import device as devices
+    from lmtk.errors import UserError
+    from lmtk.log import console
+    from lmtk.train.pretrain import check_parallel
+
+    dev, dtype = devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)
+    if refuse_fsdp and cfg.launcher.strategy == "fsdp":
+        raise UserError(refuse_fsdp)
+    dist = init(dev.type, cfg.launcher.strategy)
+    try:
+        if dist.enabled and dev.type == "cuda":
+            dev = torch.device("cuda", dist.local_rank)
+        note = check_parallel(cfg, dist.world, dtype)
+        if note and dist.main:
+            console.print(note)
+        yield dev, dtype, dist
+        dist.barrier()
+    finally:
+        shutdown()
 
 
 def shard(model: torch.nn.Module, device: torch.device, world: int) -> None:

@@ -203,6 +203,19 @@ class PeftCfg:
 
 
 @dataclass
+class DistillCfg:
+    """`lmtk distill teacher=...`: how the student starts and what it learns when."""
+
+    shape: str = "config"  # config: the student's mixer knobs as set | attention: the knobs that give them the teacher attention's shapes
+    init: str = "auto"  # auto (qkv_copy where the student's widths allow, else copy) | scratch | copy | qkv_copy
+    stages: List[str] = field(default_factory=lambda: ["mixer:0.1", "kd:0.9"])  # stage:budget fraction; mixer | hidden | kd
+    alpha: float = 0.5  # kd: weight of the labels' cross-entropy; 1 - alpha on the T^2-scaled KL to the teacher
+    temperature: float = 1.0  # kd: T, softening both distributions
+    kl: str = "forward"  # kd: forward KL(teacher || student) | reverse KL(student || teacher)
+    restart_schedule: bool = True  # the LR schedule restarts at each stage (warm-up, decay); false: one over the budget
+
+
+@dataclass
 class Config:
     recipe: str = "default"
     description: str = ""
@@ -229,6 +242,9 @@ class Config:
     task: TaskCfg = field(default_factory=TaskCfg)
     head: HeadCfg = field(default_factory=HeadCfg)
     peft: PeftCfg = field(default_factory=PeftCfg)
+    # lmtk distill: the teacher (a run, checkpoint or Hugging Face decoder directory) and the method
+    teacher: Optional[str] = None
+    distill: DistillCfg = field(default_factory=DistillCfg)
 
 
 # Values restricted to a set; checked after composition so typos fail before any work.
@@ -252,4 +268,7 @@ CHOICES = {
     "head.pooling": ("auto", "first", "last"),
     "peft.method": ("full", "bitfit", "lora"),
     "peft.bias": ("none", "all"),
+    "distill.init": ("auto", "scratch", "copy", "qkv_copy"),
+    "distill.kl": ("forward", "reverse"),
+    "distill.shape": ("config", "attention"),
 }

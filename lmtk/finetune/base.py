@@ -39,13 +39,14 @@ def _is_lmtk(p: Path) -> bool:
     return checkpoint.is_checkpoint(p) or (p / "run.json").is_file() or (p / "checkpoints").is_dir()
 
 
-def resolve_base(spec, root) -> Base:
+def resolve_base(spec, root, key: str = "base", command: str = "finetune") -> Base:
     """The base named by `base=`: a run name (in the runs directory), a run or checkpoint
-    directory, or a Hugging Face model directory (config.json). One-line errors otherwise."""
+    directory, or a Hugging Face model directory (config.json). One-line errors otherwise, naming
+    `key` (lmtk distill's teacher= is found the same way)."""
     from lmtk.runs import runs_root
 
     if not spec:
-        raise UserError("lmtk finetune needs base=RUN: a run name, a run or checkpoint directory, or a Hugging Face model directory")
+        raise UserError(f"lmtk {command} needs {key}=RUN: a run name, a run or checkpoint directory, or a Hugging Face model directory")
     if str(spec).startswith("hf:"):  # hf:<name>[@revision]: the Hugging Face import downloads it
         return _hf_base(str(spec))
     p = Path(str(spec)).expanduser()
@@ -53,19 +54,19 @@ def resolve_base(spec, root) -> Base:
         p = runs_root(root) / str(spec)
     if not p.exists():
         where = runs_root(root) if root is not None else Path.cwd()
-        raise UserError(f"base={spec}: no run, checkpoint or model directory there (nor a run of that name in {where}); `lmtk runs` lists runs")
+        raise UserError(f"{key}={spec}: no run, checkpoint or model directory there (nor a run of that name in {where}); `lmtk runs` lists runs")
     p = p.resolve()
     if _is_lmtk(p):
-        return _lmtk_base(p)
+        return _lmtk_base(p, key)
     if (p / "adapter.json").is_file():
         return _adapter_base(p, root)
     if (p / "config.json").is_file():
         return _hf_base(p)
-    raise UserError(f"base={spec} is not a model: {p} has no lmtk checkpoint (meta.json, checkpoints/) "
+    raise UserError(f"{key}={spec} is not a model: {p} has no lmtk checkpoint (meta.json, checkpoints/) "
                     "and no Hugging Face config.json")
 
 
-def _lmtk_base(p: Path) -> Base:
+def _lmtk_base(p: Path, key: str = "base") -> Base:
     from lmtk.data.tokenizer import Tokenizer
     from lmtk.runs import RunDir
 
@@ -79,10 +80,10 @@ def _lmtk_base(p: Path) -> Base:
             try:
                 ckpt = checkpoint.resolve(p)
             except UserError:
-                raise UserError(f"base={p} is a run without a checkpoint (did it finish?); give a finished run or a checkpoint directory") from None
+                raise UserError(f"{key}={p} is a run without a checkpoint (did it finish?); give a finished run or a checkpoint directory") from None
     meta = checkpoint.verify(ckpt)
     if not meta.get("model"):
-        raise UserError(f"base checkpoint {ckpt} has no model config in meta.json; it is not an lmtk model checkpoint")
+        raise UserError(f"{key} checkpoint {ckpt} has no model config in meta.json; it is not an lmtk model checkpoint")
     lm, added = load_language_model(ckpt, meta)
     ft = meta.get("finetune")
     if ft:

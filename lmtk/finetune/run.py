@@ -33,23 +33,12 @@ SUITE = "finetune"  # eval/<suite>.json, the eval framework's layout
 
 def run(cfg, recipe: str, overrides: list[str]) -> dict:
     from lmtk import dist as distributed
-    from lmtk.train.pretrain import check_parallel
 
-    dev, dtype = devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)
-    if cfg.launcher.strategy == "fsdp":
-        raise UserError("lmtk finetune runs data-parallel with launcher.strategy=ddp (fsdp shards pretraining's models only)")
-    dist = distributed.init(dev.type, cfg.launcher.strategy)
-    try:
-        if dist.enabled and dev.type == "cuda":
-            dev = torch.device("cuda", dist.local_rank)
-        note = check_parallel(cfg, dist.world, dtype)
-        if note and dist.main:
-            console.print(note)
-        summary = _run(cfg, recipe, overrides, dev, dtype, dist)
-        dist.barrier()
-        return summary
-    finally:
-        distributed.shutdown()
+    if cfg.get("teacher") is not None:
+        raise UserError(f"teacher={cfg.teacher} is a distillation setting: use lmtk distill (lmtk finetune starts from base=)")
+    refuse = "lmtk finetune runs data-parallel with launcher.strategy=ddp (fsdp shards pretraining's models only)"
+    with distributed.session(cfg, refuse_fsdp=refuse) as (dev, dtype, dist):
+        return _run(cfg, recipe, overrides, dev, dtype, dist)
 
 
 def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
@@ -75,7 +64,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         if cfg.val.every == 0:  # validate after every epoch
             OmegaConf.update(cfg, "val.every", max(1, math.ceil(task.train.n / cfg.train.batch_size)))
     else:
-        data = _lm_data(cfg, base)
+        data = lm_data(cfg, base)
         data_meta = {"train_tokens": int(data.meta["train_tokens"]), "val_tokens": int(data.meta["val_tokens"])}
 
     torch.manual_seed(cfg.seed)
@@ -135,7 +124,7 @@ def _check_resume_base(ckpt, base_fp: str, cfg) -> None:
         raise UserError(f"cannot resume from {ckpt}: it fine-tuned another base ({ft.get('base')}); pass base={ft.get('base')}")
 
 
-def _lm_data(cfg, base: Base):
+def lm_data(cfg, base: Base):
     """Continued LM training: the data through the base's tokenizer (no tokenizer is trained)."""
     from lmtk.data.packing import TokenCache
     from lmtk.data.sources import Source

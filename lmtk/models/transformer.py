@@ -95,19 +95,26 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout)
 
-    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None):
+    def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None,
+                io: dict | None = None):
         """(x, the mixer's new state): state, offset and decode carry decoding (models/mixers);
         attention_mask [B, T] (True at real tokens) reaches mixers that read both ways (attention):
         a left-to-right mixer's outputs at real tokens of a right-padded batch do not depend on
-        the pads after them, and LanguageModel.hidden refuses other padding for such models."""
+        the pads after them, and LanguageModel.hidden refuses other padding for such models.
+        `io`, a dict, receives the block's input and output and its mixer's (what distillation's
+        alignment stages match): block_in, mixer_in, mixer_out, block_out."""
         kw = {} if attention_mask is None or self.mixer.causal_only else {"attention_mask": attention_mask}
+        m_in = self.norm1(x) if self.pre else x
+        h, state = self.mixer(m_in, causal=causal, state=state, offset=offset, decode=decode, **kw)
         if self.pre:
-            h, state = self.mixer(self.norm1(x), causal=causal, state=state, offset=offset, decode=decode, **kw)
-            x = x + h
-            return x + self.mlp(self.norm2(x)), state
-        h, state = self.mixer(x, causal=causal, state=state, offset=offset, decode=decode, **kw)
-        x = self.norm1(x + h)
-        return self.norm2(x + self.mlp(x)), state
+            x1 = x + h
+            out = x1 + self.mlp(self.norm2(x1))
+        else:
+            x1 = self.norm1(x + h)
+            out = self.norm2(x1 + self.mlp(x1))
+        if io is not None:
+            io.update(block_in=x, mixer_in=m_in, mixer_out=h, block_out=out)
+        return out, state
 
 
 def _scalar_pos_scale(state_dict, prefix, *args) -> None:
@@ -183,7 +190,8 @@ class LanguageModel(nn.Module):
             nn.init.normal_(m.weight, 0.0, std)
 
     def hidden(self, idx: torch.Tensor, causal: bool = True, cache: "DecodeCache | None" = None,
-               attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+               trace: list | None = None) -> torch.Tensor:
         """Final hidden states [B, T, D]. With a cache (decoding), idx continues the cached
         sequence: positions start at cache.offset, each layer reads and replaces its state.
 
@@ -195,9 +203,14 @@ class LanguageModel(nn.Module):
         mask with padding before a real token. Outputs at padded positions are meaningless.
 
         token_type_ids [B, T] (models with type_vocab_size > 0, BERT's segments): None is type 0
-        everywhere; models without token types refuse them."""
+        everywhere; models without token types refuse them.
+
+        trace, a list, receives one dict per layer: its block's input and output and its mixer's
+        (Block.forward's `io`; a teacher's, for distillation's alignment stages)."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.offset
+        if trace is not None and cache is not None:
+            raise ValueError("trace is for whole sequences, not for decoding with a cache")
         if attention_mask is not None:
             if cache is not None:
                 raise ValueError("attention_mask is for scoring padded batches, not for decoding with a cache")
@@ -221,7 +234,10 @@ class LanguageModel(nn.Module):
             x = x + (self.pos_scale * self.pos_table[start:start + T]).to(x.dtype)
         x = self.drop(self.embed_norm(x))
         for i, block in enumerate(self.blocks):
-            if cache is not None:
+            if trace is not None:
+                trace.append({})
+                x = block(x, causal=causal, attention_mask=attention_mask, io=trace[-1])[0]
+            elif cache is not None:
                 x, cache.states[i] = block(x, causal=causal, state=cache.states[i], offset=start, decode=True)
             elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # recompute the block in backward instead of storing its activations
@@ -270,8 +286,24 @@ class LanguageModel(nn.Module):
         return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index,
                                     chunk=chunk, dispatch=dispatch)
 
-    def forward(self, idx: torch.Tensor, causal: bool = True, head: bool = True, cache=None,
-                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def align(self, part: str, inputs: dict) -> dict:
+        """Layers run on given inputs, {layer: output}: part "mixer" runs layer i's mixer on
+        inputs[i] (what its norm would have given it), "block" the whole block on inputs[i] (the
+        residual stream). Causal, no cache: distillation's alignment stages feed each student
+        layer its teacher's input (another model's trace) and match the teacher's output."""
+        if part not in ("mixer", "block"):
+            raise ValueError(f"align part {part!r}: mixer | block")
+        if part == "mixer":
+            return {i: self.blocks[i].mixer(x, causal=True)[0] for i, x in inputs.items()}
+        return {i: self.blocks[i](x, causal=True)[0] for i, x in inputs.items()}
+
+    def forward(self, idx: torch.Tensor | None, causal: bool = True, head: bool = True, cache=None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                align: tuple | None = None) -> torch.Tensor:
+        """Logits (head=False: hidden states). align=(part, inputs) runs align() instead, so a
+        data-parallel wrapper, which sees only forward(), arms its reducer for it too."""
+        if align is not None:
+            return self.align(*align)
         h = self.hidden(idx, causal, cache, attention_mask, token_type_ids)
         return self.logits(h) if head else h
 

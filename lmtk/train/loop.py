@@ -72,6 +72,9 @@ class Job:
     meta: dict = field(default_factory=dict)  # more keys for every checkpoint's meta.json (finetune: peft, task, head)
     seq_len: Any = None  # tokens per sample for FLOPs (None: data.seq_len)
     checkpoints: bool = True  # False: train and return, writing nothing (an eval suite's training on synthetic data)
+    # callable(budget fraction) -> LR factor; None: the schedule over the whole budget (distillation
+    # restarts it at each stage)
+    lr_factor: Any = None
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -204,6 +207,13 @@ class _StepModel:
         """The model's forward (a task model's: logits of the classes), through DDP when data-parallel."""
         return (self.model if self.ddp is None else self.ddp)(*args, **kw)
 
+    def align(self, part: str, inputs: dict) -> dict:
+        """The model's align() (layers run on given inputs: distillation's alignment stages),
+        through DDP's forward when data-parallel."""
+        if self.ddp is None:
+            return self.model.align(part, inputs)
+        return self.ddp(None, align=(part, inputs))
+
     def logits(self, h):
         return self.model.logits(h)
 
@@ -271,7 +281,11 @@ def _prepare(job: Job, dist):
     if dist.enabled and not dist.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        step_model = _StepModel(model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None))
+        # an objective whose steps train a part of the model (distillation's stages) leaves the
+        # other parameters without gradients, which DDP must be told to expect
+        partial = bool(getattr(job.objective, "partial_steps", False))
+        step_model = _StepModel(model, DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                           find_unused_parameters=partial))
     return opt, scaler, state, step_model
 
 
@@ -412,7 +426,7 @@ def fit(job: Job) -> dict:
     with _Signals(job, main=dist.main) as sig:
         while budget.fraction(state) < 1.0 and not stop:
             frac = budget.fraction(state)
-            lr = tc.lr * lr_factor(cfg.schedule, frac)
+            lr = tc.lr * (job.lr_factor(frac) if job.lr_factor is not None else lr_factor(cfg.schedule, frac))
             set_lr(opt, lr)  # x each group's lr_scale (a task head's)
             n_micro = micro_steps(tc, frac, world)
             step_loss, obj_metrics, step_tokens = _forward_backward(job, step_model, state, n_micro, frac, dist)

@@ -115,10 +115,12 @@ def cpu_budget_note(cfg, dev: torch.device) -> str | None:
 
 
 def refuse_finetune_settings(cfg) -> None:
-    """base=, task= and peft= belong to `lmtk finetune`; `lmtk train` would ignore them."""
+    """base=, task= and peft= belong to `lmtk finetune`, teacher= to `lmtk distill`; `lmtk train` would ignore them."""
     for key, unset in (("base", None), ("task.source", "none"), ("peft.method", "full")):
         if OmegaConf.select(cfg, key) != unset:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} is a fine-tuning setting: use lmtk finetune (lmtk train pretrains)")
+    if cfg.get("teacher") is not None:
+        raise UserError(f"teacher={cfg.teacher} is a distillation setting: use lmtk distill (lmtk train pretrains)")
 
 
 def run(cfg, recipe: str, overrides: list[str]) -> dict:
@@ -126,22 +128,11 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
 
     refuse_finetune_settings(cfg)
 
-    dev, dtype = devices.resolve(cfg.device, cfg.precision, cfg.launcher.strategy)
-    dist = distributed.init(dev.type, cfg.launcher.strategy)
-    try:
-        if dist.enabled and dev.type == "cuda":
-            dev = torch.device("cuda", dist.local_rank)
-        note = check_parallel(cfg, dist.world, dtype)
-        if note and dist.main:
-            console.print(note)
+    with distributed.session(cfg) as (dev, dtype, dist):
         cpu_note = cpu_budget_note(cfg, dev) if dist.main else None
         if cpu_note:
             console.print(cpu_note, markup=False, soft_wrap=True)
-        summary = _run(cfg, recipe, overrides, dev, dtype, dist)
-        dist.barrier()  # leave together: a rank tearing down gloo while rank 0 still works can abort
-        return summary
-    finally:
-        distributed.shutdown()
+        return _run(cfg, recipe, overrides, dev, dtype, dist)
 
 
 def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:

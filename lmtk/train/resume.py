@@ -19,7 +19,8 @@ from lmtk.runs import RunDir, runs_root
 
 # What a run is: a change under any of these keys is refused on resume.
 IDENTITY = ("seed", "data.", "tokenizer.", "model.", "objective.", "train.batch_size", "train.micro_batch_size",
-            "task.", "peft.", "head.")  # the last three: lmtk finetune (its base is checked by fingerprint)
+            "task.", "peft.", "head.",  # lmtk finetune (its base is checked by fingerprint)
+            "distill.init", "distill.stages", "distill.alpha", "distill.temperature", "distill.kl")  # lmtk distill (the teacher: fingerprint)
 # ... except these, which change how the same computation runs, not what it computes.
 HOW = ("objective.fused_head", "objective.head_chunk")
 # Never compared: where and under which name the run lives, and how it was started.

@@ -53,6 +53,15 @@ class ShortConv(nn.Module):
         return y, (full[:, full.shape[1] - (self.size - 1):] if decode else None)
 
 
+class Slot:
+    """Where a recurrent mixer takes softmax attention's q, k, v or o when distillation copies a
+    teacher's attention into it (distill.init=qkv_copy): `heads` x `head_dim` rows of `linear`'s
+    output from row `offset` on (q, k, v), or its input columns (o)."""
+
+    def __init__(self, linear: nn.Linear, heads: int, head_dim: int, offset: int = 0):
+        self.linear, self.heads, self.head_dim, self.offset = linear, heads, head_dim, offset
+
+
 class RecurrentMixer(nn.Module):
     """Base of the recurrent mixers. They read left to right only, run an op of recurrence.py or
     delta.py on head-first q, k, v (, beta), g, and carry a decoding state that starts with the op's
@@ -71,6 +80,17 @@ class RecurrentMixer(nn.Module):
     gate: nn.Module | None
     # mamba2, mlstm, gdn, metala: the SiLU after the conv stays when model.mixer.conv=0
     silu_without_conv = False
+    @staticmethod
+    def attention_knobs(tcfg, knobs: dict) -> dict | None:
+        """model.mixer knobs that give this mixer the shapes of the attention of a model of config
+        `tcfg` (its heads, head size, key/value heads), so distill.init=qkv_copy can copy q, k, v, o
+        into it (`knobs`: the mixer's current ones); None: no setting does."""
+        return None
+
+    def attention_slots(self) -> dict[str, Slot] | None:
+        """{role: Slot} for the roles among q, k, v, o this mixer has a projection for (a key-free
+        mixer has no k); None when none fits (mlstm's block-diagonal q, k, v)."""
+        return None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Checkpoints written before the recurrent mixers shared this base keep loading: their

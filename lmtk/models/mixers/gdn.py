@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmtk.models.mixers.common import GatedRMSNorm, MambaDecay, RecurrentMixer, check_knobs, short_conv, split_heads
+from lmtk.models.mixers.common import Slot, GatedRMSNorm, MambaDecay, RecurrentMixer, check_knobs, short_conv, split_heads
 
 
 class GatedDeltaNet(RecurrentMixer):
@@ -81,6 +81,15 @@ class GatedDeltaNet(RecurrentMixer):
         o, S = self.recur_delta(q, k, v, beta, g.transpose(1, 2), S0, decode, scale=Dk ** -0.5)
         o = self.norm(self.merge(o), None if self.gate is None else self.gate(x))
         return self.drop(self.out(o)), ((S, conv1) if decode else None)
+
+    @staticmethod
+    def attention_knobs(tcfg, knobs: dict) -> dict:
+        """The knobs that give it attention's q, k, v, o shapes (distill.init=qkv_copy)."""
+        return {"head_dim": None, "expand_v": 1.0}
+
+    def attention_slots(self):
+        return {"q": Slot(self.q_proj, self.n_heads, self.dk), "k": Slot(self.k_proj, self.n_heads, self.dk),
+                "v": Slot(self.v_proj, self.n_heads, self.dv), "o": Slot(self.out, self.n_heads, self.dv)}
 
     def flops_per_token(self, seq_len: int) -> float:
         """recurrence_flops of the delta rule: 18 H Dk Dv per token."""

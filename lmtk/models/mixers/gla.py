@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtk.models.layers import RMSNorm
-from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
+from lmtk.models.mixers.common import Slot, RecurrentMixer, check_knobs, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK
 
 # Per-step decay factors the gate starts at (x = 0), spread over each head's key channels.
@@ -88,6 +88,15 @@ class GLA(RecurrentMixer):
                           scale=self.dk ** -0.5)
         y = self.merge(self.norm(o.float()))  # in fp32 (o comes back in q's dtype: bf16 under autocast)
         return self.gated_out(y, x, S, conv_state, decode)
+
+    @staticmethod
+    def attention_knobs(tcfg, knobs: dict) -> dict:
+        """The knobs that give it attention's q, k, v, o shapes (distill.init=qkv_copy)."""
+        return {"n_heads": None, "expand_k": 1.0, "expand_v": 1.0}
+
+    def attention_slots(self):
+        return {"q": Slot(self.q, self.n_heads, self.dk), "k": Slot(self.k, self.n_heads, self.dk),
+                "v": Slot(self.v, self.n_heads, self.dv), "o": Slot(self.out, self.n_heads, self.dv)}
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtk.models.layers import RMSNorm
-from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
+from lmtk.models.mixers.common import Slot, RecurrentMixer, check_knobs, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK
 
 
@@ -102,6 +102,16 @@ class HGRN2(RecurrentMixer):
                           scale=self.dk ** -0.5)
         y = self.merge(self.norm(o.float()))  # in fp32 (o comes back in q's dtype: bf16 under autocast)
         return self.gated_out(y, x, S, conv_state, decode)
+
+    @staticmethod
+    def attention_knobs(tcfg, knobs: dict) -> dict:
+        """The knobs that give it attention's q, v, o shapes (distill.init=qkv_copy)."""
+        return {"n_heads": None, "expand_ratio": tcfg.d_model // tcfg.n_heads}
+
+    def attention_slots(self):
+        # key-free: k = 1 - f is the forget gate's, which stays fresh
+        return {"q": Slot(self.q, self.n_heads, self.dk), "v": Slot(self.i, self.n_heads, self.dv),
+                "o": Slot(self.out, self.n_heads, self.dv)}
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtk.models.layers import RMSNorm
-from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
+from lmtk.models.mixers.common import Slot, RecurrentMixer, check_knobs, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK, compute_dtype
 
 FEATURE_MAPS = ("elu1", "relu", "taylor", "rebased", "hedgehog")
@@ -172,6 +172,18 @@ class LinearAttention(RecurrentMixer):
             o = self.norm(o.float())  # in fp32 (o is bf16 under autocast)
         y = self.merge(o)
         return self.gated_out(y, x, S, conv_state, decode)
+
+    @staticmethod
+    def attention_knobs(tcfg, knobs: dict) -> dict:
+        """The knobs that give it attention's q, k, v, o shapes (distill.init=qkv_copy)."""
+        out = {"n_heads": None}
+        if knobs.get("feature_map") in ("taylor", "rebased"):
+            out["feature_dim"] = tcfg.d_model // tcfg.n_heads
+        return out
+
+    def attention_slots(self):
+        return {"q": Slot(self.q, self.n_heads, self.dk), "k": Slot(self.k, self.n_heads, self.dk),
+                "v": Slot(self.v, self.n_heads, self.dv), "o": Slot(self.out, self.n_heads, self.dv)}
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops) on

@@ -9,8 +9,10 @@ gated linear recurrence (recurrence.py).
     out = out_proj(RMSNorm(y * silu(z)))                 the gated norm, over all E channels
                                                         (output_gate: false drops z: RMSNorm(y))
 
-As the op: q = C, k = B (one group: shared by every head, passed as one head [B, 1, T, N] that
-the op broadcasts, so C B^T is computed once per chunk, not per head), v = dt * x, g = -exp(A_log) dt
+As the op: q = C, k = B (one group by default: shared by every head, passed as one head
+[B, 1, T, N] that the op broadcasts, so C B^T is computed once per chunk, not per head; with
+`groups` G > 1, as the paper's ngroups, heads h of group h // (H / G) share theirs: what a
+distilled attention teacher's grouped key/value heads map onto), v = dt * x, g = -exp(A_log) dt
 (a scalar per head and step, [B, H, T]); no q scaling. Heads: H = E / head_dim. A's and dt's
 initial spectra are the paper's (common.MambaDecay: A ~ U[1, 16], dt log-uniform in
 [1e-3, 1e-1]); D starts at 1. Decoding state: (h [B, H, N, P], conv state)."""
@@ -23,7 +25,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from lmtk.models.mixers.common import GatedRMSNorm, MambaDecay, RecurrentMixer, check_knobs, head_size, short_conv
+from lmtk.errors import UserError
+from lmtk.models.mixers.common import GatedRMSNorm, Slot, MambaDecay, RecurrentMixer, check_knobs, head_size, short_conv
 
 
 class Mamba2(RecurrentMixer):
@@ -34,6 +37,7 @@ class Mamba2(RecurrentMixer):
         expand: int = 2  # inner width E = expand * d_model (x, z)
         head_dim: Optional[int] = None  # P, channels per head; null: E / model.n_heads
         d_state: int = 64  # N, the state size (B, C)
+        groups: int = 1  # G: B and C per group of heads (the paper's ngroups; dividing the heads)
         output_gate: bool = True  # the norm's gate silu(z) (z from in_proj; the paper's)
         conv: int = 4  # short causal conv size on x, B, C (0: none)
         chunk: int = 64  # chunk length of the chunked (training / prefill) form
@@ -52,11 +56,14 @@ class Mamba2(RecurrentMixer):
         self.d_inner = E = c.expand * cfg.d_model
         self.n_heads, self.head_dim = head_size("mamba2", E, c.head_dim, cfg.n_heads, "inner (expand * d_model)")
         self.d_state, self.chunk, self.kernel = c.d_state, c.chunk, c.kernel
-        H, N = self.n_heads, self.d_state
+        H, N, G = self.n_heads, self.d_state, c.groups
+        if G < 1 or H % G:
+            raise UserError(f"model.mixer.groups={G} for mixer mamba2: must divide its {H} heads")
+        self.groups = G
         self.z_width = E if c.output_gate else 0
         self.gate = None  # the gate's z is z_width more outputs of the fused projection, not a module
-        self.in_proj = nn.Linear(cfg.d_model, self.z_width + E + 2 * N + H, bias=cfg.bias)  # [z, x, B, C, dt~]
-        self.conv = short_conv("mamba2", E + 2 * N, c.conv)
+        self.in_proj = nn.Linear(cfg.d_model, self.z_width + E + 2 * G * N + H, bias=cfg.bias)  # [z, x, B, C, dt~]
+        self.conv = short_conv("mamba2", E + 2 * G * N, c.conv)
         self.decay = MambaDecay(H)
         self.D = nn.Parameter(torch.ones(H))
         self.norm = GatedRMSNorm(E, E, norm_before_gate=False)
@@ -73,16 +80,31 @@ class Mamba2(RecurrentMixer):
         Bsz, T, _ = u.shape
         E, N, H, P = self.d_inner, self.d_state, self.n_heads, self.head_dim
         h0, conv0 = state if state is not None else (None, None)
-        z, xBC, dt = self.in_proj(u).split([self.z_width, E + 2 * N, H], dim=-1)
-        (x, Bm, Cm), conv1 = self.convolve(list(xBC.split([E, N, N], dim=-1)), conv0, decode)
+        G = self.groups
+        z, xBC, dt = self.in_proj(u).split([self.z_width, E + 2 * G * N, H], dim=-1)
+        (x, Bm, Cm), conv1 = self.convolve(list(xBC.split([E, G * N, G * N], dim=-1)), conv0, decode)
         g, dt = self.decay(dt)  # [B, T, H]
         xh = x.unflatten(-1, (H, P))  # [B, T, H, P]
         v = (xh * dt.unsqueeze(-1).to(x.dtype)).transpose(1, 2)  # [B, H, T, P]
-        # one group: B and C shared by every head, passed once ([B, 1, T, N]; the op broadcasts them)
-        y, h = self.recur(Cm.unsqueeze(1), Bm.unsqueeze(1), v, g.transpose(1, 2), h0, decode)
+        # one group: B and C shared by every head, passed once ([B, 1, T, N]; the op broadcasts them);
+        # G groups: each head gets its group's ([B, H, T, N])
+        Cm, Bm = (self.heads(t, G).repeat_interleave(H // G, dim=1) if G > 1 else t.unsqueeze(1) for t in (Cm, Bm))
+        y, h = self.recur(Cm, Bm, v, g.transpose(1, 2), h0, decode)
         y = y.transpose(1, 2) + xh * self.D.to(x.dtype).unsqueeze(-1)  # D skip
         y = self.norm(y.flatten(2), z if self.z_width else None)
         return self.drop(self.out_proj(y)), ((h, conv1) if decode else None)
+
+    @staticmethod
+    def attention_knobs(tcfg, knobs: dict) -> dict:
+        """The knobs that give it attention's shapes (distill.init=qkv_copy): heads of attention's
+        size, N = its head dim, a B / C group per key/value head."""
+        return {"expand": 1, "head_dim": None, "d_state": tcfg.d_model // tcfg.n_heads, "groups": tcfg.n_kv_heads or tcfg.n_heads}
+
+    def attention_slots(self):
+        # Mamba-in-the-Llama's map: C <- q, B <- k (one group per key/value head), x <- v
+        H, P, N, G, E, z = self.n_heads, self.head_dim, self.d_state, self.groups, self.d_inner, self.z_width
+        return {"v": Slot(self.in_proj, H, P, z), "k": Slot(self.in_proj, G, N, z + E), "q": Slot(self.in_proj, G, N, z + E + G * N),
+                "o": Slot(self.out_proj, H, P)}
 
     def flops_per_token(self, seq_len: int) -> float:
         """recurrence_flops with Dk = N, Dv = P: 12 H N P per token."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
+from lmtk.models.mixers.common import Slot, RecurrentMixer, check_knobs, short_conv, split_heads
 
 
 class MetaLA(RecurrentMixer):
@@ -87,6 +87,16 @@ class MetaLA(RecurrentMixer):
         o = o + torch.sigmoid(score * v)  # self-augmentation
         o = F.layer_norm(o, (o.shape[-1],))  # per head, no affine
         return self.gated_out(self.merge(o), xc, S, conv1, decode)  # the gate reads x~
+
+    @staticmethod
+    def attention_knobs(tcfg, knobs: dict) -> dict:
+        """The knobs that give it attention's q, v, o shapes (distill.init=qkv_copy)."""
+        return {"qk_ratio": 1.0}
+
+    def attention_slots(self):
+        # key-free: k = 1 - alpha is the decay's, which stays fresh
+        return {"q": Slot(self.q_proj, self.n_heads, self.dk), "v": Slot(self.v_proj, self.n_heads, self.dv),
+                "o": Slot(self.out, self.n_heads, self.dv)}
 
     def flops_per_token(self, seq_len: int) -> float:
         """recurrence_flops with the key dim Dk and value dim Dv: 12 H Dk Dv per token."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from lmtk.models.layers import Rotary
-from lmtk.models.mixers.common import RecurrentMixer, check_knobs, short_conv, split_heads
+from lmtk.models.mixers.common import Slot, RecurrentMixer, check_knobs, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK
 
 
@@ -90,6 +90,15 @@ class RetNet(RecurrentMixer):
         o, S = self.recur(q, k, v, self.log_decay, S, decode, scale=self.dk ** -0.5)
         y = self.group_norm(self.merge(o).float().reshape(B * T, -1)).view(B, T, -1)  # in fp32
         return self.gated_out(y, x, S, conv_state, decode)
+
+    @staticmethod
+    def attention_knobs(tcfg, knobs: dict) -> dict:
+        """The knobs that give it attention's q, k, v, o shapes (distill.init=qkv_copy)."""
+        return {"n_heads": None, "expand_k": 1.0, "expand_v": 1.0}
+
+    def attention_slots(self):
+        return {"q": Slot(self.q, self.n_heads, self.dk), "k": Slot(self.k, self.n_heads, self.dk),
+                "v": Slot(self.v, self.n_heads, self.dv), "o": Slot(self.out, self.n_heads, self.dv)}
 
     def flops_per_token(self, seq_len: int) -> float:
         """The recurrence's state update and readout (common.RecurrentMixer.recurrence_flops)."""
