@@ -31,6 +31,10 @@ def world(tmp_path_factory):
     p = subprocess.run([sys.executable, "-m", "lmtk", "train", *TINY, "run.name=done", "checkpoint.every=1", "checkpoint.keep=5"],
                        env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+    # teachers lmtk distill refuses: a recurrent one (for qkv_copy) and a masked (encoder) one
+    for extra in (["model/mixer=gla", "run.name=recurrent"], ["objective=mlm", "run.name=encoder"]):
+        p = subprocess.run([sys.executable, "-m", "lmtk", "train", *TINY, *extra], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
     d = base / "data"
     d.mkdir()
     (d / "empty.txt").write_text("")
@@ -41,6 +45,12 @@ def world(tmp_path_factory):
     (d / "odd.tsv").write_text("sentence\tlabel\na fine film\tmeh\n")
     _adapter_on_changed_base(base, d / "adapter")
     (d / "nopairs").mkdir()
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel()
+    other.train_from_iterator(["another vocabulary altogether"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["[SEP]"]))
+    other.save(str(d / "other-tokenizer.json"))
     return base, env
 
 
@@ -135,6 +145,28 @@ ROWS = [
      "rows.jsonl:1 has no 'sentence_good'"),
     ("eval-pairs-bad-method", ["eval", "done", "suite=pairs", "pairs.path={base}/data/nopairs", "pairs.method=ppl"],
      "pairs.method=ppl is not one of: auto, causal, pll"),
+    ("distill-no-teacher", ["distill"], "lmtk distill needs teacher=RUN"),
+    ("distill-teacher-missing", ["distill", "teacher={base}/runs/nope"], "/runs/nope: no run, checkpoint or model directory there"),
+    ("distill-teacher-not-a-model", ["distill", "teacher={base}/data"], "is not a model"),
+    ("distill-teacher-encoder", ["distill", "teacher=encoder"], "is a masked (encoder) model (mlm)"),
+    ("distill-vocab-mismatch", ["distill", "teacher=done", "tokenizer.path={base}/data/other-tokenizer.json"],
+     "is not the teacher's tokenizer"),
+    ("distill-qkv-copy-recurrent-teacher", ["distill", "teacher=recurrent", "model/mixer=gdn", "distill.init=qkv_copy"],
+     "teacher layer 0 is gla, not softmax attention: distill.init=qkv_copy has no q, k, v, o to copy from it"),
+    ("distill-qkv-copy-shapes", ["distill", "teacher=done", "distill.init=qkv_copy"],
+     "give the student attention's shapes (distill.shape=attention: model.mixer.n_heads=null"),
+    ("distill-stages-sum", ["distill", "teacher=done", "distill.stages=[mixer:0.5,kd:0.6]"], "distill.stages fractions sum to 1.1, not 1"),
+    ("distill-unknown-stage", ["distill", "teacher=done", "distill.stages=[mixr:0.5,kd:0.5]"], "distill.stages: unknown stage 'mixr'"),
+    ("distill-layers-length", ["distill", "teacher=done", "model.layers=RRA"], "model.layers gives 3 layers but model.n_layers=2 (the teacher's"),
+    ("distill-model-key", ["distill", "teacher=done", "model.d_model=64"], "only those can be set for lmtk distill"),
+    ("distill-lora-nothing-to-align", ["distill", "teacher=done", "model/mixer=linear", "distill.shape=attention",
+                                       "distill.init=qkv_copy", "peft=lora"], "distill stage mixer has nothing to train"),
+    ("distill-nothing-to-align", ["distill", "teacher=done", "model/mixer=attention"], "the mixer and hidden stages have nothing to align"),
+    ("distill-fsdp", ["distill", "teacher=done", "launcher.strategy=fsdp"], "lmtk distill runs data-parallel with launcher.strategy=ddp"),
+    ("distill-shape-impossible", ["distill", "teacher=done", "model/mixer=mlstm", "distill.shape=attention"],
+     "distill.shape=attention: model.mixer=mlstm has no setting with attention's q, k, v, o shapes"),
+    ("distill-alpha-range", ["distill", "teacher=done", "distill.alpha=2"], "distill.alpha=2.0 must be in [0, 1]"),
+    ("distill-setting-in-train", ["train", "teacher=done"], "teacher=done is a distillation setting: use lmtk distill"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]

@@ -26,6 +26,7 @@ V = 61
 KNOBS = {
     "metala": {"chunk": 4},
     "mamba2": {"chunk": 4, "d_state": 8},
+    "mamba2-groups": {"chunk": 4, "d_state": 8, "groups": 2},  # B, C per head group (distillation's attention shape)
     "mlstm": {"chunk": 4},
     "mlstm-exp": {"chunk": 4, "forget_gate": "exp"},
     "gdn": {"chunk": 4},
@@ -329,6 +330,7 @@ def test_knob_ranges_are_one_line_errors(name):
 
 @pytest.mark.parametrize("name,knobs,needle", [
     ("mamba2", {"expand": 0}, "model.mixer.expand=0, d_state=8 for mixer mamba2: both must be >= 1"),
+    ("mamba2", {"groups": 3}, "model.mixer.groups=3 for mixer mamba2: must divide its 2 heads"),
     ("mlstm", {"expand": 0}, "model.mixer.expand=0 for mixer mlstm: must be >= 1"),
     ("gdn", {"expand_v": 0.0}, "for mixer gdn: gives heads of 16 / 0 channels"),
     ("metala", {"decay_norm": 0.0}, "model.mixer.decay_norm=0.0 for mixer metala: must be > 0"),

@@ -454,7 +454,8 @@ def fit(job: Job) -> dict:
                 metrics = {
                     "loss": loss, "lr": lr, "grad_norm": float(gnorm), "tok/s": tok_s, "tokens": state.tokens,
                     "batch": n_micro * tc.micro_batch_size * world, "frac": f, "skipped": state.skipped_steps,
-                    **obj_metrics, **({"mfu": flops_tok * tok_s / (peak * 1e12)} if peak else {}),
+                    **{k: float(v) if torch.is_tensor(v) else v for k, v in obj_metrics.items()},  # read here only
+                    **({"mfu": flops_tok * tok_s / (peak * 1e12)} if peak else {}),
                 }
                 sinks.log(metrics, state.step)
                 eta = state.seconds * max(0.0, 1 - f) / f if f > 0 else float("nan")  # the last step may pass 100%

@@ -11,8 +11,8 @@ gated linear recurrence (recurrence.py).
 
 As the op: q = C, k = B (one group by default: shared by every head, passed as one head
 [B, 1, T, N] that the op broadcasts, so C B^T is computed once per chunk, not per head; with
-`groups` G > 1, as the paper's ngroups, heads h of group h // (H / G) share theirs: what a
-distilled attention teacher's grouped key/value heads map onto), v = dt * x, g = -exp(A_log) dt
+`groups` G > 1, as the paper's ngroups, heads h of group h // (H / G) share theirs; G = H is
+attention's shape, which distillation copies a teacher's queries and keys into), v = dt * x, g = -exp(A_log) dt
 (a scalar per head and step, [B, H, T]); no q scaling. Heads: H = E / head_dim. A's and dt's
 initial spectra are the paper's (common.MambaDecay: A ~ U[1, 16], dt log-uniform in
 [1e-3, 1e-1]); D starts at 1. Decoding state: (h [B, H, N, P], conv state)."""
@@ -97,11 +97,11 @@ class Mamba2(RecurrentMixer):
     @staticmethod
     def attention_knobs(tcfg, knobs: dict) -> dict:
         """The knobs that give it attention's shapes (distill.init=qkv_copy): heads of attention's
-        size, N = its head dim, a B / C group per key/value head."""
-        return {"expand": 1, "head_dim": None, "d_state": tcfg.d_model // tcfg.n_heads, "groups": tcfg.n_kv_heads or tcfg.n_heads}
+        size, N = its head dim, B and C per head (C holds a query head, B its key/value head's key)."""
+        return {"expand": 1, "head_dim": None, "d_state": tcfg.d_model // tcfg.n_heads, "groups": tcfg.n_heads}
 
     def attention_slots(self):
-        # Mamba-in-the-Llama's map: C <- q, B <- k (one group per key/value head), x <- v
+        # Mamba-in-the-Llama's map: C <- q, B <- k, x <- v (B, C in groups; attention's shape: a group per head)
         H, P, N, G, E, z = self.n_heads, self.head_dim, self.d_state, self.groups, self.d_inner, self.z_width
         return {"v": Slot(self.in_proj, H, P, z), "k": Slot(self.in_proj, G, N, z + E), "q": Slot(self.in_proj, G, N, z + E + G * N),
                 "o": Slot(self.out_proj, H, P)}
