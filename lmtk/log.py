@@ -28,6 +28,10 @@ class JsonlSink:
         self.f.close()
 
 
+# objective metrics shown on the progress line too: distillation's per-layer alignment losses and KD parts
+PROGRESS_PREFIXES = ("align/", "kd/")
+
+
 def _fmt_eta(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
@@ -62,7 +66,7 @@ class ConsoleSink:
 
     def progress_update(self, frac: float, eta_s: float, metrics: dict, step: int) -> None:
         stats = f"step {step}  " + "  ".join(
-            f"{k} {_short(v)}" for k, v in metrics.items() if k in ("phase", "loss", "lr", "tok/s")
+            f"{k} {_short(v)}" for k, v in metrics.items() if k in ("phase", "loss", "lr", "tok/s") or k.startswith(PROGRESS_PREFIXES)
         )
         if self.live:
             self.progress.update(self.task, completed=min(frac, 1.0), eta=_fmt_eta(eta_s), stats=stats)

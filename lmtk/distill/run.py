@@ -278,10 +278,17 @@ def _train(cfg, rundir, teacher, student, objective, tok, data, dev, dtype, ckpt
         sinks.log(teacher_val, 0)
         sinks.console.message("teacher: " + "  ".join(f"val/{k[8:]} {teacher_val[k]:.4f}" for k in ("teacher/loss", "teacher/bpb")
                                                           if k in teacher_val))
+    def validate_beside_teacher(model) -> dict:
+        """The student's validation (the one path `lmtk eval suite=ppl` takes too), the teacher's loss beside it."""
+        out = validate(model, val_objectives, val_data, main="clm", tokens=cfg.val.tokens, batch_size=cfg.train.micro_batch_size,
+                       device=dev, dtype=dtype, seed=val_seed(cfg))
+        return {**out, **({"val/teacher_loss": teacher_val["teacher/loss"]} if "teacher/loss" in teacher_val else {})}
+
     job = Job(
         cfg=cfg, model=student, objective=objective, train_data=train_data, val_data=val_data, val_objectives=val_objectives,
         run=rundir, sinks=sinks, device=dev, dtype=dtype, model_meta=student.cfg.to_dict(), resume_from=ckpt, dist=dist,
         tokenizer_json=tok.to_json(), data_meta=data_meta, meta={"distill": meta}, lr_factor=_lr_factor(cfg, objective.stages),
+        validate=validate_beside_teacher,
     )
     try:
         summary = fit(job)

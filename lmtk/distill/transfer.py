@@ -49,11 +49,10 @@ def qkv_problem(student, teacher) -> str | None:
             return (f"the student's {name} has no projections attention's q, k, v could go into; use distill.init=copy")
         att = tb.mixer
         for role, slot in slots.items():
-            want = (att.n_heads, att.head_dim) if role in ("q", "o") else None
             heads_ok = slot.heads in ((att.n_heads,) if role in ("q", "o") else (att.n_heads, att.n_kv))
             if not heads_ok or slot.head_dim != att.head_dim:
-                want = f"{att.n_heads} x {att.head_dim}" if role in ("q", "o") else \
-                    f"{att.n_kv} or {att.n_heads} heads x {att.head_dim}"
+                grouped = role in ("k", "v") and att.n_kv != att.n_heads
+                want = f"{att.n_kv} or {att.n_heads} heads x {att.head_dim}" if grouped else f"{att.n_heads} x {att.head_dim}"
                 knobs = type(sb.mixer).attention_knobs(teacher.cfg, student.cfg.mixer) or {}
                 shape = " ".join(f"model.mixer.{k}={'null' if v is None else v}" for k, v in knobs.items())
                 return (f"distill.init=qkv_copy: layer {i}'s {name} {role} is {slot.heads} heads x {slot.head_dim}, the teacher's "
