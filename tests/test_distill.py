@@ -310,3 +310,23 @@ def test_stages_under_two_ranks_equal_one_process(teacher_run, lmtk_env):
     wa = load_file(str(lmtk_env.runs / "one/checkpoints/final/model.safetensors"))
     wb = load_file(str(lmtk_env.runs / "two/checkpoints/final/model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_a_hugging_face_llama_teacher_into_an_attention_shaped_mamba2(lmtk_env, tmp_path):
+    """teacher= a Hugging Face decoder directory (grouped-query Llama, untied head, its own
+    SentencePiece-style tokenizer): data= from the command, the teacher's tokenizer, qkv_copy into
+    Mamba-2's C, B, x rows (distill.shape=attention: a B / C group per head)."""
+    from test_hf_import import LLAMA_CFG, TEXT, llama_weights, write_hf
+
+    hf = write_hf(tmp_path / "llama", LLAMA_CFG, llama_weights(LLAMA_CFG, torch.Generator().manual_seed(0)), "metaspace")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(TEXT[i:i + 4]) for i in range(0, len(TEXT), 4)) * 20)
+    distill(f"teacher={hf}", "model/mixer=mamba2", "distill.shape=attention", "distill.init=qkv_copy", "data=text",
+            f"data.train={text}", "data.seq_len=32", "budget.hours=null", "budget.steps=6", "val.tokens=512",
+            "distill.stages=[mixer:0.5,kd:0.5]", "run.name=hf")
+    meta = json.loads((lmtk_env.runs / "hf/checkpoints/final/meta.json").read_text())
+    assert meta["distill"]["init"] == "qkv_copy" and meta["distill"]["qkv"] == list(range(LLAMA_CFG["num_hidden_layers"]))
+    mixer = meta["model"]["mixer"]
+    H = LLAMA_CFG["num_attention_heads"]
+    assert (mixer["expand"], mixer["groups"], mixer["d_state"]) == (1, H, LLAMA_CFG["hidden_size"] // H)
+    assert meta["model"]["tie_embeddings"] is False and helpers.info(lmtk_env.runs / "hf")["parents"]["teacher"] == str(hf)
