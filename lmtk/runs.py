@@ -216,6 +216,38 @@ class RunDir:
         finally:
             self.unlock()
 
+    @classmethod
+    def write_run(cls, root, cfg, *, kind: str, recipe: str, overrides: list, device: str, save_tokenizer, model: dict,
+                  ckpt=None, ckpt_step: int = 0, changes: dict | None = None, same: bool = False, parents: dict | None = None,
+                  body=None) -> dict:
+        """What every command that trains (train, finetune, distill) does on rank 0 around its
+        training: prepare and lock run `cfg.run.name` (a new run, or the same one resumed), drop
+        metrics rows after the checkpoint resumed from, write overrides.yaml / tokenizer.json
+        (`save_tokenizer(path)`) / model.json for a new run and config.yaml always, start run.json
+        (kind, parents; `resumed_from` for a run started from another's checkpoint), record the
+        resume in its history, then `body(rundir) -> summary` and status done (failed /
+        interrupted through recording())."""
+        from omegaconf import OmegaConf
+
+        from lmtk.checkpoint import write_atomic
+
+        continuing = same or (ckpt is None and cfg.resume == "auto")
+        rundir, existed = cls.prepare(root, cfg.run.name, resume=continuing, overwrite=cfg.run.overwrite)
+        with rundir.recording():
+            rundir.truncate_metrics(ckpt_step)  # drop rows logged after the checkpoint we resume from
+            if not existed or not same:  # a new run (also one started from another run's checkpoint) gets its files
+                write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
+                save_tokenizer(rundir.file("tokenizer.json"))
+                write_atomic(rundir.file("model.json"), json.dumps(model, indent=2))
+            write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))  # kept true across resumes
+            rundir.start(kind=kind, recipe=recipe, device=device, resumed=same,
+                         parents={**(parents or {}), **({} if same or ckpt is None else {"resumed_from": str(ckpt)})})
+            if ckpt is not None:
+                rundir.add_history(step=ckpt_step, overrides=overrides, changed={k: list(v) for k, v in (changes or {}).items()})
+            summary = body(rundir)
+            rundir.finish("done", summary=summary)
+            return summary
+
     # ---- checkpoints --------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
         """Complete step checkpoints, oldest first."""

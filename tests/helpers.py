@@ -50,15 +50,20 @@ def cli(*args: str):
         reset_console()
 
 
-def train(*args: str):
-    """`lmtk train ARGS` in-process; fails the test with the output when it does not succeed."""
+def ok(command: str, *args):
+    """`lmtk COMMAND ARGS` in-process; fails the test with the output when it does not succeed."""
     import traceback
 
-    res = cli("train", *args)
+    res = cli(command, *args)
     if res.exit_code != 0:
         tb = "".join(traceback.format_exception(*res.exc_info)) if res.exc_info else ""
-        raise AssertionError(f"lmtk train {' '.join(args)} exited {res.exit_code}\n{res.output[-3000:]}\n{tb}")
+        raise AssertionError(f"lmtk {command} {' '.join(map(str, args))} exited {res.exit_code}\n{res.output[-3000:]}\n{tb}")
     return res
+
+
+def train(*args: str):
+    """`lmtk train ARGS` in-process (helpers.ok)."""
+    return ok("train", *args)
 
 
 def lmtk(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -57,13 +57,7 @@ def task_args(world):
 
 
 def finetune(*args):
-    import traceback
-
-    res = helpers.cli("finetune", *args)
-    if res.exit_code != 0:
-        tb = "".join(traceback.format_exception(*res.exc_info)) if res.exc_info else ""
-        raise AssertionError(f"lmtk finetune {' '.join(map(str, args))} exited {res.exit_code}\n{res.output[-3000:]}\n{tb}")
-    return res
+    return helpers.ok("finetune", *args)
 
 
 def test_full_finetune_learns_sentiment_well_above_chance(world, lmtk_env):

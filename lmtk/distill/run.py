@@ -12,14 +12,11 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import time
 
 import torch
 from omegaconf import OmegaConf
 
 from lmtk import peft
-from lmtk.checkpoint import write_atomic
 from lmtk.errors import UserError
 from lmtk.log import console, make_sinks, null_sinks
 from lmtk.runs import RunDir, runs_root
@@ -83,24 +80,13 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         _check_resume_teacher(ckpt, t_fp, cfg)
     if not dist.main:
         return _train(cfg, None, teacher, student, objective, tok, data, dev, dtype, ckpt, dist, data_meta, meta, info)
-    continuing = same or (ckpt is None and cfg.resume == "auto")
-    rundir, existed = RunDir.prepare(root, name, resume=continuing, overwrite=cfg.run.overwrite)
-    with rundir.recording():
-        rundir.truncate_metrics(ckpt_step)
-        if not existed or not same:
-            write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
-            tok.save(rundir.file("tokenizer.json"))
-            write_atomic(rundir.file("model.json"), json.dumps(scfg.to_dict(), indent=2))
-        write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
-        from lmtk.train.pretrain import _describe
+    from lmtk.train.pretrain import _describe
 
-        rundir.start(kind="distill", recipe=recipe, device=_describe(dev, dtype, dist.world, dist.strategy), resumed=same,
-                     parents={"teacher": teacher.path, **({} if same or ckpt is None else {"resumed_from": str(ckpt)})})
-        if ckpt is not None:
-            rundir.add_history(step=ckpt_step, overrides=overrides, changed={k: list(v) for k, v in changes.items()})
-        summary = _train(cfg, rundir, teacher, student, objective, tok, data, dev, dtype, ckpt, dist, data_meta, meta, info)
-        rundir.finish("done", summary=summary)
-        return summary
+    return RunDir.write_run(
+        root, cfg, kind="distill", recipe=recipe, overrides=overrides, device=_describe(dev, dtype, dist.world, dist.strategy),
+        save_tokenizer=tok.save, model=scfg.to_dict(), ckpt=ckpt, ckpt_step=ckpt_step, changes=changes, same=same,
+        parents={"teacher": teacher.path},
+        body=lambda rundir: _train(cfg, rundir, teacher, student, objective, tok, data, dev, dtype, ckpt, dist, data_meta, meta, info))
 
 
 def _take_teacher_data(cfg, teacher, overrides: list[str]) -> None:

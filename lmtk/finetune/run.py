@@ -18,7 +18,6 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from lmtk import device as devices
 from lmtk import peft
 from lmtk.checkpoint import write_atomic
 from lmtk.errors import UserError
@@ -83,24 +82,13 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         _check_resume_base(ckpt, base_fp, cfg)
     if not dist.main:
         return _train(cfg, None, base, model, info, task, data, dev, dtype, ckpt, dist, data_meta, ft_meta)
-    continuing = same or (ckpt is None and cfg.resume == "auto")
-    rundir, existed = RunDir.prepare(root, name, resume=continuing, overwrite=cfg.run.overwrite)
-    with rundir.recording():
-        rundir.truncate_metrics(ckpt_step)
-        if not existed or not same:
-            write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
-            base.tok.save(rundir.file("tokenizer.json"))
-            write_atomic(rundir.file("model.json"), json.dumps(base.lm.cfg.to_dict(), indent=2))
-        write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
-        from lmtk.train.pretrain import _describe
+    from lmtk.train.pretrain import _describe
 
-        rundir.start(kind="finetune", recipe=recipe, device=_describe(dev, dtype, dist.world, dist.strategy), resumed=same,
-                     parents={"base": base.path, **({} if same or ckpt is None else {"resumed_from": str(ckpt)})})
-        if ckpt is not None:
-            rundir.add_history(step=ckpt_step, overrides=overrides, changed={k: list(v) for k, v in changes.items()})
-        summary = _train(cfg, rundir, base, model, info, task, data, dev, dtype, ckpt, dist, data_meta, ft_meta)
-        rundir.finish("done", summary=summary)
-        return summary
+    return RunDir.write_run(
+        root, cfg, kind="finetune", recipe=recipe, overrides=overrides, device=_describe(dev, dtype, dist.world, dist.strategy),
+        save_tokenizer=base.tok.save, model=base.lm.cfg.to_dict(), ckpt=ckpt, ckpt_step=ckpt_step, changes=changes, same=same,
+        parents={"base": base.path},
+        body=lambda rundir: _train(cfg, rundir, base, model, info, task, data, dev, dtype, ckpt, dist, data_meta, ft_meta))
 
 
 def _take_model_config(cfg, base: Base) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import time
 
 import torch
 from omegaconf import OmegaConf
 
-from lmtk import device as devices
 from lmtk.data.packing import Batches, TokenCache, unigram_bpb
 from lmtk.data.sources import Source
 from lmtk.data.tokenizer import copy_tokenizer, get_tokenizer
@@ -18,7 +16,6 @@ from lmtk.errors import UserError
 from lmtk.log import console, make_sinks, null_sinks
 from lmtk.models import build_model, model_config
 from lmtk.objectives import build_objective
-from lmtk.checkpoint import write_atomic
 from lmtk.runs import RunDir, runs_root
 from lmtk.train import resume
 from lmtk.train.loop import Job, fit
@@ -158,22 +155,10 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     ckpt_step, changes = resume.check(ckpt, cfg, mcfg.to_dict(), tok, data_meta, same) if ckpt is not None else (0, {})
     if not dist.main:  # only rank 0 writes the run directory
         return _train(cfg, None, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta)
-    continuing = same or (ckpt is None and cfg.resume == "auto")
-    rundir, existed = RunDir.prepare(root, name, resume=continuing, overwrite=cfg.run.overwrite)
-    with rundir.recording():
-        rundir.truncate_metrics(ckpt_step)  # drop rows logged after the checkpoint we resume from
-        if not existed or not same:  # a new run (also one started from another run's checkpoint) gets its files
-            write_atomic(rundir.file("overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create({"recipe": recipe, "overrides": overrides})))
-            copy_tokenizer(tok, rundir.file("tokenizer.json"))
-            write_atomic(rundir.file("model.json"), json.dumps(mcfg.to_dict(), indent=2))
-        write_atomic(rundir.file("config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))  # kept true across resumes
-        rundir.start(kind="train", recipe=recipe, device=_describe(dev, dtype, dist.world, dist.strategy), resumed=same,
-                     parents={} if same or ckpt is None else {"resumed_from": str(ckpt)})
-        if ckpt is not None:
-            rundir.add_history(step=ckpt_step, overrides=overrides, changed={k: list(v) for k, v in changes.items()})
-        summary = _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta)
-        rundir.finish("done", summary=summary)
-        return summary
+    return RunDir.write_run(
+        root, cfg, kind="train", recipe=recipe, overrides=overrides, device=_describe(dev, dtype, dist.world, dist.strategy),
+        save_tokenizer=lambda path: copy_tokenizer(tok, path), model=mcfg.to_dict(), ckpt=ckpt, ckpt_step=ckpt_step,
+        changes=changes, same=same, body=lambda rundir: _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta))
 
 
 def _check_mixer_reads_both_ways(cfg, mcfg) -> None:
