@@ -23,7 +23,7 @@ endif
 PIP := $(VENV_PY) -m pip
 STAMP ?= $(ENV_DIR)/.lmtk-installed
 
-.PHONY: install demo test test-all lint bench bench-all clean
+.PHONY: install demo test test-all smoke lint bench bench-all clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ demo: install
 test: install
 	@$(VENV_PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no test (exit 5)" >&2; exit 1; fi; exit $$rc
+
+# the whole pipeline (train -> eval -> LoRA -> distil -> eval -> generate -> plot) on a CPU in a few minutes
+smoke: install
+	PY=$(VENV_PY) bash scripts/smoke.sh
 
 test-all: install
 	$(VENV_PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)

@@ -40,6 +40,45 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+class Progress:
+    """Work done of a known total, its rate and ETA, for long work outside the training loop
+    (tokenising, scoring, each eval suite's cells): a transient status line on a terminal, a plain
+    line every `every_s` otherwise (logs, CI), nothing for work done within `quiet_s`.
+    `progress(n)` adds n units; `unit` and `scale` say how to show them (MB: "MB", 1e6)."""
+
+    def __init__(self, title: str, total: float | None, unit: str = "", scale: float = 1.0,
+                 quiet_s: float = 3.0, every_s: float = 30.0):
+        self.title, self.total, self.unit, self.scale = title, total, unit, scale
+        self.quiet_s, self.every_s = quiet_s, every_s
+        self.done, self.t0, self.last, self.bar = 0.0, time.perf_counter(), 0.0, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, n: float = 1) -> None:
+        self.done += n
+        now = time.perf_counter() - self.t0
+        if now < self.quiet_s:
+            return
+        rate = self.done / now
+        left = f", ETA {_fmt_eta((self.total - self.done) / rate)}" if self.total and self.total > self.done and rate > 0 else ""
+        of = f"/{self.total / self.scale:,.1f}" if self.total else ""
+        unit = f" {self.unit}" if self.unit else ""
+        text = f"{self.title}: {self.done / self.scale:,.1f}{of}{unit}, {rate / self.scale:.1f}{unit}/s{left}"
+        if console.is_terminal:
+            if self.bar is None:
+                self.bar = console.status(text)
+                self.bar.start()
+            self.bar.update(text)
+        elif now - self.last >= self.every_s:
+            self.last = now
+            console.print(text, markup=False)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 class ConsoleSink:
     """Progress bar with step, loss, lr, tok/s and ETA; the budget fraction drives the bar."""
 

@@ -171,3 +171,18 @@ def test_autocast_dtype_scores_close_to_fp32():
     assert all(math.isfinite(x) for x in pll)
     s, n = scoring.rolling_logprob(model, texts(1, 40, 41)[0], dtype=torch.bfloat16)
     assert n == 39 and math.isfinite(s)
+
+
+def test_long_scoring_shows_progress_with_an_eta(monkeypatch, capsys):
+    """Scoring many texts reports sequences done, their rate and an ETA (a line at a time off a
+    terminal); lmtk.log.Progress is what tokenising uses too."""
+    import functools
+
+    from lmtk.log import Progress, console
+
+    console.file = None  # rich follows sys.stderr (captured: not a terminal); conftest resets it after
+    monkeypatch.setattr(scoring, "Progress", functools.partial(Progress, quiet_s=0.0, every_s=0.0))
+    model = tiny()
+    scoring.rolling_logprobs(model, texts(12), batch_size=4)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("scoring (causal): ")]
+    assert len(lines) >= 2 and "/12.0 sequences" in lines[0] and "ETA" in lines[0] and "sequences/s" in lines[-1]

@@ -154,7 +154,7 @@ def test_tokenising_progress_reports_mb_rate_and_eta(bpe, tmp_path, monkeypatch,
     console.file = None  # rich follows sys.stderr (captured; not a terminal); conftest resets it after
     docs = random_docs(100, seed=3)
     total = sum(map(len, docs))
-    with packing.TokeniseProgress(2 * total, quiet_s=0.0, every_s=0.0) as progress:
+    with packing.Progress("tokenising", 2 * total, "MB", 1e6, quiet_s=0.0, every_s=0.0) as progress:
         packing.tokenize_to_file(iter(docs), bpe, tmp_path / "p.bin", np.uint16, workers=1, progress=progress)
     assert progress.done == total
     lines = capsys.readouterr().err.splitlines()

@@ -26,6 +26,7 @@ import torch
 
 from lmtk.data.tokenizer import Tokenizer, cache_root
 from lmtk.errors import UserError
+from lmtk.log import Progress
 
 CACHE_VERSION = 3  # part of the cache key: bumped when the cache's files change (2: counts.npy, 3: val.bytes)
 BATCH_CHARS = 1_000_000  # text per encode call (and per task of a worker process)
@@ -170,41 +171,6 @@ def tokenize_to_file(docs: Iterable[str], tok: Tokenizer, path: Path, dtype, wor
     return n_tok, n_chars
 
 
-class TokeniseProgress:
-    """MB done, MB/s and ETA while a corpus is tokenised: a transient bar on a terminal, a
-    line every 30 s otherwise (logs), nothing for corpora done in a few seconds."""
-
-    def __init__(self, total_chars: int | None, quiet_s: float = 3.0, every_s: float = 30.0):
-        self.total, self.quiet_s, self.every_s = total_chars, quiet_s, every_s
-        self.done, self.t0, self.last, self.bar = 0, time.perf_counter(), 0.0, None
-
-    def __enter__(self):
-        return self
-
-    def __call__(self, chars: int) -> None:
-        from lmtk.log import _fmt_eta, console
-
-        self.done += chars
-        now = time.perf_counter() - self.t0
-        if now < self.quiet_s:
-            return
-        rate = self.done / now
-        left = f", ETA {_fmt_eta((self.total - self.done) / rate)}" if self.total and self.total > self.done else ""
-        text = f"tokenising: {self.done / 1e6:,.1f}" + (f"/{self.total / 1e6:,.1f}" if self.total else "") + f" MB, {rate / 1e6:.1f} MB/s{left}"
-        if console.is_terminal:
-            if self.bar is None:
-                self.bar = console.status(text)
-                self.bar.start()
-            self.bar.update(text)
-        elif now - self.last >= self.every_s:
-            self.last = now
-            console.print(text)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 class TokenCache:
     """Flat token streams of the train and val splits, tokenised once per (data, tokenizer)."""
 
@@ -231,7 +197,7 @@ class TokenCache:
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()
         try:
-            with TokeniseProgress(source.approx_chars()) as progress:
+            with Progress("tokenising", source.approx_chars(), "MB", 1e6) as progress:
                 counts = np.zeros(self.tok.vocab_size, dtype=np.int64)
                 n_train, chars = tokenize_to_file(source.documents("train"), self.tok, tmp / "train.bin", self.dtype,
                                                   progress=progress, counts=counts)

@@ -25,9 +25,13 @@ def run(specs: list[str], plan) -> list[dict]:
             mod.check(plan.configs[s])
     top = plan.top
     out = []
+    n, k = len(specs) * len(plan.suites), 0
     for spec in specs:
         target = load(spec, root=top.root, device=top.device, precision=top.precision, seed=top.seed)
         for suite in plan.suites:
+            k += 1
+            if n > 1:  # several runs or suites: say which one is running
+                console.print(f"eval {k}/{n}: {suite} on {target.name}", markup=False, soft_wrap=True)
             torch.manual_seed(top.seed)
             t0 = time.perf_counter()
             result = mods[suite].run(target, plan.configs[suite])

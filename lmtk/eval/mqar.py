@@ -164,16 +164,18 @@ def train_cell(target, cfg: Config, seq_len: int, kv: int, vocab: int, steps: in
 
 
 def run(target, cfg: Config) -> dict:
-    from lmtk.log import console
+    from lmtk.log import _fmt_eta, console
 
     grid, vocab, steps, notes = cells(cfg)
     seed = target.seed if cfg.seed is None else cfg.seed
     rows = []
-    for L, kv in grid:
+    for k, (L, kv) in enumerate(grid, 1):
         row = train_cell(target, cfg, L, kv, vocab, steps, seed)
-        console.print(f"mqar seq_len {L} kv_pairs {kv}: accuracy {row['accuracy']:.3f} (chance {row['chance']:.4f}) "
-                      f"after {row['steps']} steps, {row['seconds']:.0f} s", markup=False)
         rows.append(row)
+        left = sum(r["seconds"] for r in rows) / k * (len(grid) - k)  # the cells so far, per cell
+        console.print(f"mqar cell {k}/{len(grid)} seq_len {L} kv_pairs {kv}: accuracy {row['accuracy']:.3f} (chance {row['chance']:.4f}) "
+                      f"after {row['steps']} steps, {row['seconds']:.0f} s" + (f"; ETA {_fmt_eta(left)}" if k < len(grid) else ""),
+                      markup=False)
     chance = 1 / (vocab - vocab // 2)
     mean = sum(r["accuracy"] for r in rows) / len(rows)
     scores = {"accuracy": mean, "chance": chance, **{f"seq{r['seq_len']}_kv{r['kv_pairs']}": r["accuracy"] for r in rows}}

@@ -99,14 +99,18 @@ def score(model, tok, prompts: list[Prompt], max_new: int, device, dtype, batch_
     from lmtk.device import autocast
     from lmtk.models.infer import generate
 
+    from lmtk.log import Progress
+
     out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        ids = torch.tensor([p.ids for p in chunk], device=device)  # one length per cell: no padding
-        with autocast(device, dtype):
-            gen = generate(model, ids, max_new, temperature=0)
-        for p, row in zip(chunk, gen[:, ids.shape[1]:].tolist()):
-            out.append(read_answer(tok.decode(row)) == p.answer)
+    with Progress(f"passkey ({len(prompts[0].ids) if prompts else 0} tokens)", len(prompts), "prompts") as progress:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            ids = torch.tensor([p.ids for p in chunk], device=device)  # one length per cell: no padding
+            with autocast(device, dtype):
+                gen = generate(model, ids, max_new, temperature=0)
+            for p, row in zip(chunk, gen[:, ids.shape[1]:].tolist()):
+                out.append(read_answer(tok.decode(row)) == p.answer)
+            progress(len(chunk))
     return out
 
 

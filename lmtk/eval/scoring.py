@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtk.device import autocast
+from lmtk.log import Progress
 
 CHUNK_ROWS = 512  # scored positions per head call: one [CHUNK_ROWS, vocab] float32 buffer
 
@@ -70,31 +71,37 @@ def _causal_scores(model, seqs: list[list[int]], starts: list[int], batch_size: 
     dev, dt = _where(model, device, dtype)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out: list = [None] * len(seqs)
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        batch = [seqs[i] for i in idx]
-        ids, mask = _padded(batch, dev)
-        with autocast(dev, dt):
-            h = model.hidden(ids, causal=True, attention_mask=mask)
-        rows, cols, tgt, owner = [], [], [], []
-        for r, i in enumerate(idx):
-            n = len(seqs[i])
-            for t in range(starts[i], n):  # the output at t - 1 predicts token t
-                rows.append(r)
-                cols.append(t - 1)
-                tgt.append(seqs[i][t])
-                owner.append(i)
-        sel = h[torch.tensor(rows, device=dev, dtype=torch.long), torch.tensor(cols, device=dev, dtype=torch.long)]
-        logp, greedy = _head_logprobs(model, sel, torch.tensor(tgt, device=dev, dtype=torch.long))
-        acc = {i: [0.0, True, 0] for i in idx}
-        for k, i in enumerate(owner):
-            a = acc[i]
-            a[0] += float(logp[k])
-            a[1] = a[1] and bool(greedy[k])
-            a[2] += 1
-        for i in idx:
-            out[i] = tuple(acc[i])
+    with Progress("scoring (causal)", len(seqs), "sequences") as progress:
+        for b in range(0, len(order), batch_size):
+            _causal_batch(model, seqs, starts, order[b : b + batch_size], out, dev, dt)
+            progress(len(order[b : b + batch_size]))
     return out
+
+
+def _causal_batch(model, seqs, starts, idx: list[int], out: list, dev, dt) -> None:
+    """One padded batch of _causal_scores: out[i] for each i in idx."""
+    batch = [seqs[i] for i in idx]
+    ids, mask = _padded(batch, dev)
+    with autocast(dev, dt):
+        h = model.hidden(ids, causal=True, attention_mask=mask)
+    rows, cols, tgt, owner = [], [], [], []
+    for r, i in enumerate(idx):
+        n = len(seqs[i])
+        for t in range(starts[i], n):  # the output at t - 1 predicts token t
+            rows.append(r)
+            cols.append(t - 1)
+            tgt.append(seqs[i][t])
+            owner.append(i)
+    sel = h[torch.tensor(rows, device=dev, dtype=torch.long), torch.tensor(cols, device=dev, dtype=torch.long)]
+    logp, greedy = _head_logprobs(model, sel, torch.tensor(tgt, device=dev, dtype=torch.long))
+    acc = {i: [0.0, True, 0] for i in idx}
+    for k, i in enumerate(owner):
+        a = acc[i]
+        a[0] += float(logp[k])
+        a[1] = a[1] and bool(greedy[k])
+        a[2] += 1
+    for i in idx:
+        out[i] = tuple(acc[i])
 
 
 def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], *, batch_size: int = 16, device=None,
@@ -189,20 +196,26 @@ def pseudo_log_likelihoods(model, seqs: list[list[int]], *, mask_id: int, shift:
     start = max(shift, first)
     items = [(i, p) for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])) for p in range(start, len(seqs[i]))]
     totals = [0.0] * len(seqs)
-    for b in range(0, len(items), batch_size):
-        chunk = items[b : b + batch_size]
-        rows = []
-        for i, p in chunk:
-            x = list(seqs[i])
-            x[p] = mask_id
-            rows.append(x)
-        ids, mask = _padded(rows, dev)
-        with autocast(dev, dt):
-            h = model.hidden(ids, causal=False, attention_mask=mask)
-        r = torch.arange(len(chunk), device=dev)
-        pos = torch.tensor([p - shift for _, p in chunk], device=dev, dtype=torch.long)
-        tgt = torch.tensor([seqs[i][p] for i, p in chunk], device=dev, dtype=torch.long)
-        logp, _ = _head_logprobs(model, h[r, pos], tgt)
-        for k, (i, _) in enumerate(chunk):
-            totals[i] += float(logp[k])
+    with Progress("scoring (pseudo-log-likelihood)", len(items), "masked positions") as progress:
+        for b in range(0, len(items), batch_size):
+            _pll_batch(model, seqs, items[b : b + batch_size], totals, mask_id, shift, dev, dt)
+            progress(len(items[b : b + batch_size]))
     return totals
+
+
+def _pll_batch(model, seqs, chunk: list, totals: list, mask_id: int, shift: int, dev, dt) -> None:
+    """One batch of pseudo_log_likelihoods' (sequence, masked position) rows, added into totals."""
+    rows = []
+    for i, p in chunk:
+        x = list(seqs[i])
+        x[p] = mask_id
+        rows.append(x)
+    ids, mask = _padded(rows, dev)
+    with autocast(dev, dt):
+        h = model.hidden(ids, causal=False, attention_mask=mask)
+    r = torch.arange(len(chunk), device=dev)
+    pos = torch.tensor([p - shift for _, p in chunk], device=dev, dtype=torch.long)
+    tgt = torch.tensor([seqs[i][p] for i, p in chunk], device=dev, dtype=torch.long)
+    logp, _ = _head_logprobs(model, h[r, pos], tgt)
+    for k, (i, _) in enumerate(chunk):
+        totals[i] += float(logp[k])
