@@ -73,8 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--students", nargs="+", default=["gla", "mamba2", "gdn"])
     p.add_argument("--strategies", nargs="+", default=["train", "scratch", "copy", "qkv_copy", "staged"],
                    choices=list(STRATEGIES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher", default=None, help="teacher run name (default: distill-teacher-<steps>-seed<seed>)")
+    p.add_argument("--seed", type=int, default=0, help="the students' seed (default: %(default)s)")
+    p.add_argument("--teacher-seed", type=int, default=0, help="the teacher's seed (default: %(default)s)")
+    p.add_argument("--teacher", default=None, help="teacher run name (default: distill-teacher-<steps>-seed<teacher seed>)")
     p.add_argument("--runs", default=str(DEFAULT_RUNS), help="LMTK_RUNS (default: %(default)s)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="LMTK_CACHE (default: %(default)s)")
     p.add_argument("--fresh", action="store_true", help="rerun student runs that already finished (the teacher is always reused)")
@@ -147,10 +148,10 @@ def main(argv=None) -> int:
     if not train.is_file() or not val.is_file():
         sys.exit(f"error: {data} lacks train.txt/val.txt; build it: bash /work/shared/corpora/english.sh {data}")
     data_ov = ["data=text", f"data.train={train}", f"data.val={val}"]
-    steps_ov = lambda n: ["budget.hours=null", f"budget.steps={n}", f"seed={args.seed}"]
+    steps_ov = lambda n, seed=args.seed: ["budget.hours=null", f"budget.steps={n}", f"seed={seed}"]
 
-    teacher = args.teacher or f"distill-teacher-{args.teacher_steps}-seed{args.seed}"
-    t = lmtk(args, "teacher", ["train"], [*data_ov, *steps_ov(args.teacher_steps)], teacher, reuse=True)
+    teacher = args.teacher or f"distill-teacher-{args.teacher_steps}-seed{args.teacher_seed}"
+    t = lmtk(args, "teacher", ["train"], [*data_ov, *steps_ov(args.teacher_steps, args.teacher_seed)], teacher, reuse=True)
     if t is None:
         return 1
     t_loss, uni = t["val/loss"], t["unigram_loss"]
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
             results[mixer][strat] = lmtk(args, f"{mixer} {strat}", cmd, [*extra, *steps_ov(args.steps), "val.at_start=false", *args.overrides],
                                          name, reuse=not args.fresh)
 
-    print(f"\ndistill: teacher {teacher} (attention, default recipe, {args.teacher_steps} steps, seed {args.seed}) on {data}: "
+    print(f"\ndistill: teacher {teacher} (attention, default recipe, {args.teacher_steps} steps, seed {args.teacher_seed}) on {data}: "
           f"val loss {t_loss:.4f}, val bpb {t['val/bpb']:.4f}; unigram val loss {uni:.4f}, bpb {t['unigram_bpb']:.4f}; "
           f"students {args.steps} steps, seed {args.seed}{', ' + ' '.join(args.overrides) if args.overrides else ''}")
     best = {}

@@ -49,7 +49,10 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
     from lmtk.config import compose
     from lmtk.train.pretrain import run
 
+    from lmtk.config import check_recipe_command
+
     recipe, overrides = _split(args)
+    check_recipe_command(recipe, "train")
     _launch_or_run("train", recipe, overrides, compose(recipe, overrides), run)
 
 
@@ -60,9 +63,12 @@ def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] bas
     from lmtk.config import compose
     from lmtk.finetune.run import run
 
+    from lmtk.config import check_recipe_command
+
     recipe, overrides = _split(args)
     if recipe == "default":
         recipe = "finetune"
+    check_recipe_command(recipe, "finetune")
     _launch_or_run("finetune", recipe, overrides, compose(recipe, overrides), run)
 
 
@@ -74,9 +80,12 @@ def distill(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] teac
     from lmtk.config import compose
     from lmtk.distill.run import run
 
+    from lmtk.config import check_recipe_command
+
     recipe, overrides = _split(args)
     if recipe == "default":
         recipe = "distill"
+    check_recipe_command(recipe, "distill")
     _launch_or_run("distill", recipe, overrides, compose(recipe, overrides), run)
 
 
@@ -86,15 +95,16 @@ def recipes():
     import yaml
     from rich.table import Table
 
-    from lmtk.config import recipe_names, recipes_dir
+    from lmtk.config import recipe_command, recipe_names, recipes_dir
     from lmtk.log import console
 
-    t = Table(title="recipes  (lmtk train RECIPE key=value ...)")
+    t = Table(title="recipes  (lmtk COMMAND RECIPE key=value ...)")
     t.add_column("recipe", style="bold")
+    t.add_column("command")
     t.add_column("description")
     for name in recipe_names():
         desc = (yaml.safe_load((recipes_dir() / f"{name}.yaml").read_text()) or {}).get("description", "")
-        t.add_row(name, desc)
+        t.add_row(name, recipe_command(name), desc)
     console.file = sys.stdout
     console.print(t)
 

@@ -36,6 +36,32 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
+COMMANDS = ("train", "finetune", "distill")
+
+
+def recipe_command(recipe: str) -> str:
+    """Which command a shipped recipe is for: a recipe that is, or builds on, `finetune` or
+    `distill` (its defaults list names one) belongs to that command; every other one to train.
+    A recipe file of the user's own: train."""
+    import yaml
+
+    if recipe not in recipe_names():
+        return "train"
+    text = yaml.safe_load((recipes_dir() / f"{recipe}.yaml").read_text()) or {}
+    for command in ("finetune", "distill"):
+        if recipe == command or command in [d for d in text.get("defaults", []) if isinstance(d, str)]:
+            return command
+    return "train"
+
+
+def check_recipe_command(recipe: str, command: str) -> None:
+    """`lmtk train lolcats` and the like: one line naming the command the recipe is for (a
+    pretraining recipe may set up a fine-tuning or distillation run too)."""
+    wanted = recipe_command(recipe)
+    if wanted not in (command, "train"):
+        raise UserError(f"recipe '{recipe}' is an lmtk {wanted} recipe: run lmtk {wanted}{'' if recipe == wanted else ' ' + recipe} ...")
+
+
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 

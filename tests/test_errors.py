@@ -166,6 +166,7 @@ ROWS = [
     ("distill-shape-impossible", ["distill", "teacher=done", "model/mixer=mlstm", "distill.shape=attention"],
      "distill.shape=attention: model.mixer=mlstm has no setting with attention's q, k, v, o shapes"),
     ("distill-alpha-range", ["distill", "teacher=done", "distill.alpha=2"], "distill.alpha=2.0 must be in [0, 1]"),
+    ("recipe-of-another-command", ["train", "lolcats"], "recipe 'lolcats' is an lmtk distill recipe: run lmtk distill lolcats ..."),
     ("distill-setting-in-train", ["train", "teacher=done"], "teacher=done is a distillation setting: use lmtk distill"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
