@@ -195,6 +195,20 @@ def test_the_teacher_gets_no_gradient_and_stays_bit_identical():
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
 
 
+def test_stages_run_under_bf16_autocast():
+    """The loop runs objectives under autocast: the teacher's logits are made inside the fused loss
+    (autocast off there) from bf16 hidden states, so they are cast to the head's dtype first."""
+    teacher = lm(seed=1).eval().requires_grad_(False)
+    student = lm("gla", seed=2)
+    transfer(student, teacher, "copy")
+    for stage in ("mixer", "hidden", "kd"):
+        obj = DistillObjective(teacher, [(stage, 1.0)], [0, 1], DCFG, OCFG)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = obj.loss(student, ids(), None, 0.5)
+        loss.backward()
+        assert torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in student.parameters())
+
+
 def test_stage_specs():
     assert parse_stages(["mixer:0.03", "hidden:0.05", "kd:0.92"]) == [("mixer", 0.03), ("hidden", 0.05), ("kd", 0.92)]
     st = parse_stages(["mixer:0.25", "kd:0.75"])

@@ -141,8 +141,9 @@ class DistillObjective:
             teacher = self.teacher
 
             def teacher_logits(s: int, e: int) -> torch.Tensor:
+                # called inside the fused loss, where autocast is off: the rows in the head's dtype
                 with torch.no_grad():
-                    return teacher.logits(th[s:e])
+                    return teacher.logits(th[s:e].to(teacher.head.weight.dtype))
             loss, ce, kl = linear_kd(hs, student.head.weight, student.head.bias, targets, teacher_logits,
                                      self.alpha, self.T, self.kl, self.chunk)
         else:
