@@ -299,6 +299,8 @@ def _bert(model, tok) -> tuple[dict, dict]:
     s.put(h + "transform.LayerNorm.weight", "head_transform.norm.weight")
     s.put_bias(h + "transform.LayerNorm.bias", "head_transform.norm.bias", d)
     s.put_bias(h + "bias", "head.bias", cfg.vocab_size)
+    # the decoder's own bias is what an untied BertForMaskedLM adds (a tied one ties it to the above)
+    s.out[h + "decoder.bias"] = s.out[h + "bias"]
     if not cfg.tie_embeddings:
         s.put(h + "decoder.weight", "head.weight")
     s.check("bert")
