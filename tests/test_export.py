@@ -224,3 +224,24 @@ def test_lora_finetune_run_exports_its_merged_lm(runs, lmtk_env, tmp_path):
     with torch.no_grad():
         assert (base(ids) - tuned(ids)).abs().max() > 1e-3  # LoRA changed the model, and the export has that
     print(f"lora finetune: max |logit diff| transformers {got['hf']:.2e}, round trip {got['round_trip']:.2e}")
+
+
+def test_bitfit_runs_export_their_biases_or_name_the_head_bias(runs, lmtk_env, tmp_path):
+    """BitFit on the bias-free default model adds zero biases to every linear layer: trained on
+    the attention and MLP layers only, they export as Llama's attention_bias / mlp_bias (zeros
+    where untrained); a trained bias on the LM head has no place in LlamaForCausalLM: one line."""
+    d = tmp_path / "text"
+    d.mkdir()
+    (d / "a.txt").write_text("\n\n".join(f"the cat {i} sat on the mat and looked at the dog" for i in range(300)))
+    common = [f"base={runs['llama']}", "data=text", f"data.train={d}/a.txt", "peft=bitfit", "train.lr=5e-2",
+              "budget.epochs=null", "budget.steps=3", "data.seq_len=32", "train.batch_size=4", "train.micro_batch_size=4",
+              "val.tokens=1024"]
+    for args in (["peft.biases=[*mixer.qkv*,*mlp.down*]", "run.name=layers"], ["run.name=head"]):
+        res = helpers.cli("finetune", *common, *args)
+        assert res.exit_code == 0, res.output
+    got = _check_export(lmtk_env.runs / "layers", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert got["family"] == "llama" and config["attention_bias"] and config["mlp_bias"]
+    with pytest.raises(UserError) as err:
+        export_hf(lmtk_env.runs / "head", tmp_path / "hf2")
+    assert _one_line(err).startswith("the LM head has a bias (one BitFit added), which LlamaForCausalLM has no place for")

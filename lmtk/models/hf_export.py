@@ -372,7 +372,7 @@ def export_hf(run, out, force: bool = False, root=None) -> dict:
     config.update(_token_ids(tok), dtype="float32")
     files = {"config.json": config, **tokenizer_files(tok, model.cfg.max_seq_len)}
     if family != "bert":
-        files["generation_config.json"] = {**_token_ids(tok), "max_length": model.cfg.max_seq_len}
+        files["generation_config.json"] = _token_ids(tok)
     _write(out, files, tensors, tok.to_json(), force)
     return {"family": family, "architecture": CLASSES[family], "path": str(out), "checkpoint": str(ckpt),
             "files": sorted([*files, "model.safetensors", "tokenizer.json"])}
