@@ -24,13 +24,14 @@ RUNS = {
     "llama-gqa": ["model.n_heads=4", "model.n_kv_heads=2", "model.tie_embeddings=false", "model.bias=true",
                   "model.rope_layout=interleaved", "model.rope_base=500.0", "model.norm_eps=1e-5"],
     "mistral": ["model.window=8"],
+    "llama-geglu": ["model.mlp=gated-gelu"],  # hidden_act gelu
     "gpt2": ["model=gpt2", "model.mlp=gelu-tanh"],
     # scaled sinusoidal positions (written as the table they equal), no biases (zeros), untied head
     "gpt2-sinusoidal": ["model=gpt2", "model.positions=sinusoidal", "model.bias=false", "model.tie_embeddings=false"],
     "gla": ["model/mixer=gla"],
     "hybrid": ["model/mixer=gla", "model.layers=AR"],
 }
-FAMILY = {"llama": "llama", "llama-gqa": "llama", "mistral": "mistral", "gpt2": "gpt2", "gpt2-sinusoidal": "gpt2"}
+FAMILY = {"llama": "llama", "llama-gqa": "llama", "mistral": "mistral", "llama-geglu": "llama", "gpt2": "gpt2", "gpt2-sinusoidal": "gpt2"}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,8 @@ def test_causal_runs_export_and_match_transformers(runs, name, tmp_path):
     if name == "llama-gqa":
         assert config["num_key_value_heads"] == 2 and config["attention_bias"] and config["rope_theta"] == 500.0
         assert config["rms_norm_eps"] == 1e-5
+    if name == "llama-geglu":
+        assert config["hidden_act"] == "gelu"
     if name == "mistral":  # the window matters at this length: without it the logits differ
         assert config["sliding_window"] == 8
         model = checkpoint.load_pretrained(runs[name])[0]
@@ -165,7 +168,7 @@ BERT_SHAPE = dict(norm_position="post", embedding_norm=True, head_transform=True
     (False, dict(positions="learned", norm="rmsnorm"), "model.norm=rmsnorm with model.positions=learned: GPT-2 uses LayerNorm"),
     (False, dict(positions="learned", mlp="swiglu"), "model.mlp=swiglu with model.positions=learned: GPT-2's MLP"),
     (False, dict(positions="rope", norm="layernorm", mlp="swiglu"), "model.norm=layernorm with rotary positions: Llama uses RMSNorm"),
-    (False, dict(positions="rope", norm="rmsnorm", mlp="gated-gelu"), "model.mlp=gated-gelu with rotary positions"),
+    (False, dict(positions="rope", norm="rmsnorm", mlp="gelu"), "model.mlp=gelu with rotary positions: Llama's MLP is a gated one"),
     (False, dict(positions="none"), "model.positions=none: GPT-2 has learned positions, Llama rotary ones"),
     (False, dict(positions="rope", norm="rmsnorm", mlp="swiglu", window=4, bias=True), "model.window=4 with model.bias=true: MistralForCausalLM"),
     (False, dict(embedding_norm=True), "model.embedding_norm=true: neither GPT-2 nor Llama"),

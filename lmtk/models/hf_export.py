@@ -10,7 +10,7 @@ is a function that renames LanguageModel's state dict onto that class's names, t
 tensor exactly once:
 
     causal, learned (or sinusoidal) positions, LayerNorm, GELU MLP    -> GPT2LMHeadModel
-    causal, rotary positions, RMSNorm, SwiGLU (grouped-query heads)   -> LlamaForCausalLM
+    causal, rotary positions, RMSNorm, SwiGLU / GeGLU (grouped-query) -> LlamaForCausalLM
         ... with a sliding window                                     -> MistralForCausalLM
     masked (objective mlm), post-norm, learned positions, LayerNorm,
         GELU MLP, embedding LayerNorm, the MLM head's transform       -> BertForMaskedLM
@@ -40,6 +40,8 @@ CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "M
 GELU_NAMES = {"gelu": "gelu", "gelu-tanh": "gelu_new"}
 # objectives whose masked reading is the model (BERT family); objectives that train only a
 # masked reading with another convention have no transformers class (mntp: masked_shift 1)
+# Llama's gated MLP, act(gate) * up: its hidden_act for lmtk's gated MLPs
+GATED_ACTS = {"swiglu": "silu", "gated-gelu": "gelu"}
 MASKED = ("mlm",)
 MASKED_ONLY = ("mntp",)
 
@@ -91,8 +93,8 @@ def _causal_family(cfg) -> str:
         raise Blocked(f"model.positions={cfg.positions}: GPT-2 has learned positions, Llama rotary ones")
     if cfg.norm != "rmsnorm":
         raise Blocked(f"model.norm={cfg.norm} with rotary positions: Llama uses RMSNorm")
-    if cfg.mlp != "swiglu":
-        raise Blocked(f"model.mlp={cfg.mlp} with rotary positions: Llama's MLP is SwiGLU")
+    if cfg.mlp not in GATED_ACTS:
+        raise Blocked(f"model.mlp={cfg.mlp} with rotary positions: Llama's MLP is a gated one (swiglu, or gated-gelu)")
     if cfg.window is not None:
         if cfg.bias:
             raise Blocked(f"model.window={cfg.window} with model.bias=true: MistralForCausalLM (the sliding window) has no biases")
@@ -210,8 +212,9 @@ def _gpt2(model, tok) -> tuple[dict, dict]:
 
 
 def _llama(model, tok, family: str = "llama") -> tuple[dict, dict]:
-    """Llama / Mistral: the fused qkv rows split into q, k, v (H, Hkv, Hkv heads); SwiGLU's
-    fused up rows into gate (the activated half, first) and up; RMSNorm weights; an untied head
+    """Llama / Mistral: the fused qkv rows split into q, k, v (H, Hkv, Hkv heads); the gated
+    MLP's fused up rows into gate (the activated half, first) and up (SwiGLU: hidden_act silu,
+    gated-gelu: gelu); RMSNorm weights; an untied head
     as lm_head. Biases (model.bias, or those BitFit added) are attention_bias = mlp_bias."""
     cfg = model.cfg
     d, H = cfg.d_model, cfg.n_heads
@@ -249,7 +252,7 @@ def _llama(model, tok, family: str = "llama") -> tuple[dict, dict]:
     config = {
         "model_type": family, "architectures": [CLASSES[family]], "vocab_size": cfg.vocab_size, "hidden_size": d,
         "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers, "num_attention_heads": H,
-        "num_key_value_heads": Hkv, "head_dim": Dh, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "num_key_value_heads": Hkv, "head_dim": Dh, "hidden_act": GATED_ACTS[cfg.mlp], "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": _eps(cfg), "rope_theta": float(cfg.rope_base),
         "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_base)},
         "attention_dropout": cfg.dropout, "initializer_range": cfg.init_std, "tie_word_embeddings": cfg.tie_embeddings,
