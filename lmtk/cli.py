@@ -214,6 +214,25 @@ def generate(
     typer.echo(tok.decode(out[0].tolist()))
 
 
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="run name, run directory or checkpoint directory"),
+    out: str = typer.Argument(..., help="the directory to write (new, or empty; --force replaces it)"),
+    to: str = typer.Option("hf", "--to", help="format: hf (a Hugging Face directory transformers loads)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists and is not empty"),
+    root: str = typer.Option(None, "--root", help="runs directory (default: $LMTK_RUNS or ./runs)"),
+):
+    """Export a run as a Hugging Face model directory (GPT-2, Llama, Mistral or BERT for transformers)."""
+    if to not in ("hf",):
+        raise UserError(f"--to {to}: lmtk exports to hf (a Hugging Face model directory) only")
+    from lmtk.models.hf_export import export_hf
+
+    info = export_hf(run, out, force=force, root=root or os.environ.get("LMTK_RUNS", "runs"))
+    auto = "AutoModelForMaskedLM" if info["family"] == "bert" else "AutoModelForCausalLM"
+    typer.echo(f"exported {info['checkpoint']} as {info['architecture']} to {info['path']} ({', '.join(info['files'])}); "
+               f"load it with transformers.{auto}.from_pretrained({info['path']!r})")
+
+
 def _click_error(err: Exception) -> bool:
     # typer vendors click (typer._click), so match its exceptions by shape, not by class.
     return hasattr(err, "format_message") and hasattr(err, "exit_code")

@@ -385,13 +385,15 @@ def _rope_base(config: dict, path: Path) -> float:
 
 def _llama(config: dict, m: Mapping, path: Path):
     """Llama / Mistral: RMSNorm, rotary in the half layout (HF's weights are stored permuted for
-    rotate_half), SwiGLU (gate_proj is the activated half), grouped-query heads."""
+    rotate_half), SwiGLU (gate_proj is the activated half; hidden_act gelu: lmtk's gated-gelu),
+    grouped-query heads."""
     d, L, H = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
     Hkv = config.get("num_key_value_heads") or H
     if config.get("head_dim") not in (None, d // H) or d % H:
         raise _unsupported(path, f"head_dim={config.get('head_dim')} other than hidden_size / num_attention_heads")
-    if config.get("hidden_act", "silu") != "silu":
-        raise _unsupported(path, f"hidden_act={config['hidden_act']!r} (silu only)")
+    mlp = {"silu": "swiglu", "gelu": "gated-gelu"}.get(config.get("hidden_act", "silu"))
+    if mlp is None:
+        raise _unsupported(path, f"hidden_act={config['hidden_act']!r} (silu or gelu)")
     bias = bool(config.get("attention_bias", False))
     if bool(config.get("mlp_bias", False)) != bias:
         raise _unsupported(path, "attention_bias differing from mlp_bias")
@@ -423,7 +425,7 @@ def _llama(config: dict, m: Mapping, path: Path):
         window=int(window) if window else None, d_ff=config["intermediate_size"],
         max_seq_len=int(config.get("max_position_embeddings", 2048)), positions="rope",
         rope_base=_rope_base(config, path), rope_layout="half", norm="rmsnorm", norm_position="pre",
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)), bias=bias, mlp="swiglu",
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)), bias=bias, mlp=mlp,
         dropout=float(config.get("attention_dropout", 0.0)), tie_embeddings=tie,
     )
     return cfg, {"objective": {"name": "clm", "masked_shift": 0}, "lm_head": True}
