@@ -22,6 +22,35 @@ from lmtk.models.layers import rms_norm
 from lmtk.models.mixers import delta, kernels, recurrence
 
 
+class _CausalConv(torch.autograd.Function):
+    """y_t = b + sum_j w_j x_{t+j-(size-1)} over x [B, T, C] (zeros before it; F.conv1d's
+    cross-correlation on the left-padded input), w [C, size], as size fused multiply-adds on time
+    slices, with a backward written the same way: autograd's per-slice backward zero-fills and adds
+    a full-size gradient buffer per tap and copies the padded input, which cost more than the conv."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias):
+        T, P = x.shape[1], w.shape[1] - 1
+        y = torch.addcmul(bias, x, w[:, P])
+        for j in range(P):  # tap j reads x shifted by P - j steps
+            s = P - j
+            y[:, s:].addcmul_(x[:, :T - s], w[:, j])
+        ctx.save_for_backward(x, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        T, P = x.shape[1], w.shape[1] - 1
+        gx = gy * w[:, P]
+        gw = [(gy * x).sum((0, 1))]
+        for j in range(P - 1, -1, -1):
+            s = P - j
+            gx[:, :T - s].addcmul_(gy[:, s:], w[:, j])
+            gw.append((gy[:, s:] * x[:, :T - s]).sum((0, 1)))
+        return gx, torch.stack(gw[::-1], dim=1), gy.sum((0, 1))
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time of width `size` (Zoology / Based / Mamba: a short
     convolution on a mixer's inputs helps recall), optionally followed by a SiLU, with its decoding
@@ -39,18 +68,20 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, decode: bool = False):
         """(y, new state [B, size-1, C] when decoding else None)."""
         B, T, C = x.shape
-        past = state if state is not None else x.new_zeros(B, self.size - 1, C)
-        full = torch.cat([past, x], dim=1)  # [B, size-1+T, C]
-        # y_t = b + sum_j w_j * full_{t+j} (F.conv1d's cross-correlation), as size fused multiply-adds
-        # on [B, T, C] slices: oneDNN's depthwise conv1d backward is erratic with 2 threads on this
-        # CPU (0.2-4 s for [4096, 512], vs ~0.05 s for these), and this keeps the [B, T, C] layout
+        # y_t = b + sum_j w_j * full_{t+j} (F.conv1d's cross-correlation), full = [state, x], as size
+        # fused multiply-adds on [B, T, C] slices (_CausalConv): oneDNN's depthwise conv1d backward is
+        # erratic with 2 threads on this CPU (0.2-4 s for [4096, 512], vs ~0.05 s for these), and
+        # this keeps the [B, T, C] layout. Without a state the zeros before x are implicit.
         w, bias = self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype)  # [C, size], [C]
-        y = torch.addcmul(bias, full[:, :T], w[:, 0])
-        for j in range(1, self.size):
-            y = torch.addcmul(y, full[:, j:j + T], w[:, j])
+        full = x if state is None else torch.cat([state, x], dim=1)
+        y = _CausalConv.apply(full, w, bias)[:, full.shape[1] - T:]
         if self.activation:
             y = F.silu(y)
-        return y, (full[:, full.shape[1] - (self.size - 1):] if decode else None)
+        if not decode:
+            return y, None
+        if state is None:
+            full = torch.cat([x.new_zeros(B, self.size - 1, C), x], dim=1)
+        return y, full[:, full.shape[1] - (self.size - 1):]
 
 
 class RecurrentMixer(nn.Module):
