@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmtk.models.mixers.recurrence import CHUNK, compute_dtype, log_decay, pad_time, segsum, suffix_sum
+from lmtk.models.mixers.recurrence import CHUNK, compute_dtype, decay_mask, log_decay, pad_time, suffix_sum
 
 
 def _scalar_decay(g: Tensor | None, B: int, H: int, T: int, dtype: torch.dtype) -> Tensor | None:
@@ -141,7 +141,7 @@ def chunked(
         gamma, kd, decay = None, k, None
     else:
         g = pad_time(g, pad).unflatten(2, (N, C))  # [B|1, H, N, C, 1]
-        L = segsum(g).squeeze(-1).exp()  # L[i, j] = exp(b_i - b_j) for j <= i, else 0
+        L = decay_mask(g.squeeze(-1))  # L[i, j] = exp(b_i - b_j) for j <= i, else 0
         gamma = g.cumsum(-2).exp()  # exp(b_i)
         kd = k * suffix_sum(g).exp()  # k_j exp(b_{C-1} - b_j)
         decay = g.sum(-2).exp().unsqueeze(-1)  # [B|1, H, N, 1, 1]: gamma_{C-1}
