@@ -24,19 +24,21 @@ A[i, j] = beta_i exp(b_i - b_j) (k_i . k_j) for j < i (0 elsewhere) and T = (I +
     U = T (beta * V) - T (beta * gamma * K) S_0  =  U~ - W S_0
 
 U~ [C, Dv] and W [C, Dk] depend only on the chunk's own inputs, so they are computed for all
-chunks at once (one batched triangular solve). The hand-off
+chunks at once (T explicit: one batched triangular solve against I, then matmuls, forward and
+back). The hand-off
 
     S_C = gamma_{C-1} S_0 + sum_j exp(b_{C-1} - b_j) k_j u_j^T = M S_0 + c,
     M = gamma_{C-1} I - K_d^T W,   c = K_d^T U~          (K_d: rows exp(b_{C-1} - b_j) k_j)
 
-is affine in S_0 with M, c computed for all chunks at once, so the Python loop over chunks is one
-fused matmul-add per chunk; then U = U~ - W S_0 and
+is affine in S_0 with M, c from one product K_d^T [U~, W] for all chunks at once, so the loop over
+chunks is one fused matmul-add per chunk (an autograd Function whose backward is the adjoint
+scan); then, with P[i, j] = exp(b_i - b_j) (q_i . k_j) for j <= i,
 
-    o_i = gamma_i (q_i^T S_0) + sum_{j<=i} exp(b_i - b_j) (q_i . k_j) u_j
+    o_i = gamma_i (q_i^T S_0) + sum_{j<=i} P[i, j] u_j,   i.e.   O = P U~ + (gamma Q - P W) S_0
 
-are batched over all chunks. All decay exponents are segment sums of g's (<= 0), computed as in recurrence.py, so
-strong decays underflow rather than overflow. Cost per chunk: O(C^2 (Dk + Dv) + C^3) for the
-solve; memory O(C^2) per chunk.
+batched over all chunks (P [U~, W] one product; the u's are never formed). All decay exponents
+are segment sums of g's (<= 0), computed as in recurrence.py, so strong decays underflow rather
+than overflow. Cost per chunk: O(C^2 (Dk + Dv) + C^3) for the solve; memory O(C^2) per chunk.
 
 `recurrent` is the step form for decoding; `naive` writes the first equation out literally
 (explicit identity matrix) for tests. Compute is fp32 (fp64 for fp64 inputs); o comes back in q's

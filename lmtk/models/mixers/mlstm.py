@@ -231,7 +231,7 @@ class MLSTM(RecurrentMixer):
         logf = fg if self.exp_forget else F.logsigmoid(fg)
         h, (S, m) = mlstm_cell(self.heads(q, H), self.heads(k, H), self.heads(v, H), ig, logf, chunk=self.chunk,
                                decode=decode, state=None if cell0 is None else (cell0, m0), recur=self.recur)
-        h = self.norm(self.merge(h)) + self.skip * xc
+        h = torch.addcmul(self.norm(self.merge(h)), self.skip, xc)  # + skip * x_c
         y = self.down(self.gated(h, z if self.z_width else None))
         return self.drop(y), ((S, m, conv1) if decode else None)
 

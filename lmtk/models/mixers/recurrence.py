@@ -31,8 +31,9 @@ Three forms, all returning (o, final_state) and all taking an optional initial `
              S_0 -> S_C is a Python loop over chunks. Every exponent above is a sum of g's over a
              stretch of steps, hence <= 0, and is exp'd as such (only the per-channel fast path
              below splits one into two bounded parts), so strong decays underflow to 0 rather
-             than overflow; the pairwise sums b_i - b_j are segment sums (cumsums of masked g's,
-             not differences of two large cumsums), so they stay accurate too.
+             than overflow; the pairwise sums b_i - b_j stay accurate too: for scalar decays they
+             are differences of a chunk-local fp64 cumsum, rounded once to fp32 (decay_mask), and
+             elsewhere segment sums (cumsums of masked g's, not differences of two large cumsums).
              Intra-chunk scores, by decay shape:
              - None / scalar: A = (Q K^T) * exp(b_i - b_j) masked causal: a [C, C] mask per chunk,
                cost like attention restricted to the chunk.
@@ -251,7 +252,8 @@ def chunked(
     pad = N * C - T
     # [B, H, N, C, D]
     q, k, v = (pad_time(x.to(cdt), pad).unflatten(2, (N, C)) for x in (q, k, v))
-    q = q * scale
+    if scale != 1.0:  # (a pass over q and one back for nothing otherwise)
+        q = q * scale
 
     if g is None:
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
