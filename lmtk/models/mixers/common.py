@@ -22,6 +22,51 @@ from lmtk.models.layers import rms_norm
 from lmtk.models.mixers import delta, kernels, recurrence
 
 
+class _CausalConv(torch.autograd.Function):
+    """y_t = b + sum_j w_j x_{t+j-(size-1)} over x [B, T, C] (zeros before it; F.conv1d's
+    cross-correlation on the left-padded input), w [C, size], then SiLU when `silu`, as size fused
+    multiply-adds on time slices. The backward (SiLU's included) runs in blocks of BLOCK steps so
+    that each block's gradient is reused from cache by every tap: unblocked, the conv's backward
+    was ~16 passes over [T, C] and cost more than the conv (autograd's own backward zero-filled and
+    added a full-size buffer per tap, and copied the padded input)."""
+
+    BLOCK = 512
+
+    @staticmethod
+    def forward(ctx, x, w, bias, silu: bool):
+        T, P = x.shape[1], w.shape[1] - 1
+        y = torch.addcmul(bias, x, w[:, P])
+        for j in range(P):  # tap j reads x shifted by P - j steps
+            s = P - j
+            y[:, s:].addcmul_(x[:, :T - s], w[:, j])
+        ctx.silu = silu
+        ctx.save_for_backward(x, w, y)
+        return F.silu(y) if silu else y
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, w, pre = ctx.saved_tensors
+        T, P = x.shape[1], w.shape[1] - 1
+        gx, gw, gb = torch.empty_like(x), x.new_zeros(P + 1, x.shape[2]), x.new_zeros(x.shape[2])
+        for t0 in range(0, T, _CausalConv.BLOCK):
+            t1 = min(T, t0 + _CausalConv.BLOCK)
+            n, h = t1 - t0, min(T, t1 + P) - t0  # the block's steps; with the P after it that its x reach
+            gy = gout[:, t0:t0 + h]
+            if ctx.silu:
+                gy = torch.ops.aten.silu_backward(gy, pre[:, t0:t0 + h])
+            gxb = torch.mul(gy[:, :n], w[:, P], out=gx[:, t0:t1])
+            gb += gy[:, :n].sum((0, 1))
+            gw[P] += (gy[:, :n] * x[:, t0:t1]).sum((0, 1))
+            for j in range(P):
+                s = P - j
+                if h - s > 0:  # dx_t += w_j dy_{t+s}
+                    gxb[:, :min(n, h - s)].addcmul_(gy[:, s:s + min(n, h - s)], w[:, j])
+                lo = max(t0, s)  # dw_j += dy_t x_{t-s}
+                if lo < t1:
+                    gw[j] += (gy[:, lo - t0:n] * x[:, lo - s:t1 - s]).sum((0, 1))
+        return gx, gw.t(), gb, None
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time of width `size` (Zoology / Based / Mamba: a short
     convolution on a mixer's inputs helps recall), optionally followed by a SiLU, with its decoding
@@ -39,18 +84,18 @@ class ShortConv(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, decode: bool = False):
         """(y, new state [B, size-1, C] when decoding else None)."""
         B, T, C = x.shape
-        past = state if state is not None else x.new_zeros(B, self.size - 1, C)
-        full = torch.cat([past, x], dim=1)  # [B, size-1+T, C]
-        # y_t = b + sum_j w_j * full_{t+j} (F.conv1d's cross-correlation), as size fused multiply-adds
-        # on [B, T, C] slices: oneDNN's depthwise conv1d backward is erratic with 2 threads on this
-        # CPU (0.2-4 s for [4096, 512], vs ~0.05 s for these), and this keeps the [B, T, C] layout
+        # y_t = b + sum_j w_j * full_{t+j} (F.conv1d's cross-correlation), full = [state, x], as size
+        # fused multiply-adds on [B, T, C] slices (_CausalConv): oneDNN's depthwise conv1d backward is
+        # erratic with 2 threads on this CPU (0.2-4 s for [4096, 512], vs ~0.05 s for these), and
+        # this keeps the [B, T, C] layout. Without a state the zeros before x are implicit.
         w, bias = self.weight.squeeze(1).to(x.dtype), self.bias.to(x.dtype)  # [C, size], [C]
-        y = torch.addcmul(bias, full[:, :T], w[:, 0])
-        for j in range(1, self.size):
-            y = torch.addcmul(y, full[:, j:j + T], w[:, j])
-        if self.activation:
-            y = F.silu(y)
-        return y, (full[:, full.shape[1] - (self.size - 1):] if decode else None)
+        full = x if state is None else torch.cat([state, x], dim=1)
+        y = _CausalConv.apply(full, w, bias, self.activation)[:, full.shape[1] - T:]
+        if not decode:
+            return y, None
+        if state is None:
+            full = torch.cat([x.new_zeros(B, self.size - 1, C), x], dim=1)
+        return y, full[:, full.shape[1] - (self.size - 1):]
 
 
 class Slot:

@@ -73,7 +73,16 @@ class GatedDeltaNet(RecurrentMixer):
         self.check_causal(causal)
         H, Dk = self.n_heads, self.dk
         S0, conv0 = state if state is not None else (None, None)
-        (q, k, v), conv1 = self.convolve([self.q_proj(x), self.k_proj(x), self.v_proj(x)], conv0, decode)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if all(type(p) is nn.Linear for p in projs):
+            # W_q, W_k, W_v as one product with their concatenation: its output is already the conv's
+            # input [q, k, v], no [T, 2 H Dk + H Dv] copy forward or back (not when adapted, e.g. LoRA)
+            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+            qkv = F.linear(x, torch.cat([p.weight for p in projs]), bias)
+        else:
+            qkv = torch.cat([p(x) for p in projs], dim=-1)
+        (qkv,), conv1 = self.convolve([qkv], conv0, decode)
+        q, k, v = qkv.split([H * Dk, H * Dk, H * self.dv], dim=-1)
         q, k, v = self.heads(q, H), self.heads(k, H), self.heads(v, H)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta = torch.sigmoid(self.beta_proj(x)).transpose(1, 2)  # [B, H, T]

@@ -59,6 +59,10 @@ from lmtk.models.mixers.recurrence import CHUNK, compute_dtype
 
 EPS = 1e-6  # added to the normaliser (xLSTM's eps)
 FORGET_GATES = ("sigmoid", "exp")
+GROUP_WIDTH = 16  # BlockLinear's dense group width (its forward)
+# Fewer rows than this (decoding steps) take the direct forms: BlockLinear's 4x4 blocks as they are
+# and the gates on the concatenation, where forming the grouped or folded weights costs more
+FEW_ROWS = 64
 
 
 def stabiliser(logf: Tensor, logi: Tensor, m0: Tensor, chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,7 +143,22 @@ class BlockLinear(nn.Module):
         nn.init.normal_(self.weight, 0.0, self.block ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.einsum("...ni,noi->...no", x.unflatten(-1, (-1, self.block)), self.weight).flatten(-2)
+        # Applied as G consecutive blocks at a time, each group one dense (G b) x (G b) block-diagonal
+        # matrix (zeros between its blocks): on the CPU 16 matmuls of [T, 16] x [16, 16] run fwd+bwd
+        # ~2x faster than 64 of [T, 4] x [4, 4] despite the zeros (same values: the zeros add 0).
+        n, b = self.weight.shape[:2]
+        if x.numel() < FEW_ROWS * x.shape[-1]:
+            return torch.einsum("...ni,noi->...no", x.unflatten(-1, (n, b)), self.weight).flatten(-2)
+        G = max((g for g in range(1, max(1, GROUP_WIDTH // b) + 1) if n % g == 0), default=1)
+        w = self.weight.view(n // G, G, b, b)
+        w = torch.einsum("gjoi,jk->gjoki", w, torch.eye(G, dtype=w.dtype, device=w.device)).reshape(n // G, G * b, G * b)
+        return torch.einsum("...gi,goi->...go", x.unflatten(-1, (n // G, G * b)), w).flatten(-2)
+
+    def fold(self, w: Tensor) -> Tensor:
+        """w [R, dim] -> w' [R, dim] with x w'^T = self(x) w^T: a linear map after this one, as one
+        map of this one's input."""
+        n, b = self.weight.shape[:2]
+        return torch.einsum("noi,rno->rni", self.weight, w.unflatten(-1, (n, b))).flatten(-2)
 
 
 class MLSTM(RecurrentMixer):
@@ -201,11 +220,18 @@ class MLSTM(RecurrentMixer):
         xm, z = self.up(x).split([E, self.z_width], dim=-1)
         (xc,), conv1 = self.convolve([xm], conv0, decode)
         q, k, v = self.q(xc), self.k(xc), self.v(xm)
-        ig, fg = self.gates(torch.cat([q, k, v], dim=-1)).float().transpose(1, 2).split([H, H], dim=1)
+        if type(self.gates) is nn.Linear and x.shape[0] * x.shape[1] >= FEW_ROWS:
+            # [i~, f~] = W [q, k, v] + b with W's three parts folded through the (linear) block
+            # projections: two [T, E] x [E, 2H] products of xc and xm, not one on a [T, 3E] concatenation
+            wq, wk, wv = self.gates.weight.split(E, dim=1)
+            gates = F.linear(xc, self.q.fold(wq) + self.k.fold(wk), self.gates.bias) + F.linear(xm, self.v.fold(wv))
+        else:  # decoding steps, or an adapted gate layer (e.g. LoRA) that computes its own map
+            gates = self.gates(torch.cat([q, k, v], dim=-1))
+        ig, fg = gates.float().transpose(1, 2).split([H, H], dim=1)
         logf = fg if self.exp_forget else F.logsigmoid(fg)
         h, (S, m) = mlstm_cell(self.heads(q, H), self.heads(k, H), self.heads(v, H), ig, logf, chunk=self.chunk,
                                decode=decode, state=None if cell0 is None else (cell0, m0), recur=self.recur)
-        h = self.norm(self.merge(h)) + self.skip * xc
+        h = torch.addcmul(self.norm(self.merge(h)), self.skip, xc)  # + skip * x_c
         y = self.down(self.gated(h, z if self.z_width else None))
         return self.drop(y), ((S, m, conv1) if decode else None)
 

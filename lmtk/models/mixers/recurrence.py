@@ -31,8 +31,9 @@ Three forms, all returning (o, final_state) and all taking an optional initial `
              S_0 -> S_C is a Python loop over chunks. Every exponent above is a sum of g's over a
              stretch of steps, hence <= 0, and is exp'd as such (only the per-channel fast path
              below splits one into two bounded parts), so strong decays underflow to 0 rather
-             than overflow; the pairwise sums b_i - b_j are segment sums (cumsums of masked g's,
-             not differences of two large cumsums), so they stay accurate too.
+             than overflow; the pairwise sums b_i - b_j stay accurate too: for scalar decays they
+             are differences of a chunk-local fp64 cumsum, rounded once to fp32 (decay_mask), and
+             elsewhere segment sums (cumsums of masked g's, not differences of two large cumsums).
              Intra-chunk scores, by decay shape:
              - None / scalar: A = (Q K^T) * exp(b_i - b_j) masked causal: a [C, C] mask per chunk,
                cost like attention restricted to the chunk.
@@ -121,6 +122,42 @@ def segsum(x: Tensor) -> Tensor:
     xr = x.unsqueeze(-2).expand(*x.shape[:-1], L, x.shape[-1])  # [..., t, j, R] = x_t
     xr = xr.masked_fill(~torch.tril(ones, -1)[..., None], 0.0)  # keep t > j
     return xr.cumsum(-3).masked_fill(~torch.tril(ones)[..., None], float("-inf"))
+
+
+# Scalar decays below this (per step) are clamped to it in the fp32 mask: exp(-1e4) is 0 even in
+# fp64, so every value is unchanged, and the fp64 cumsum stays small enough (>= -1e4 C) to be exact.
+MIN_LOG_DECAY = -1e4
+
+
+class _ScalarDecayMask(torch.autograd.Function):
+    """L = exp(segsum(g)) for one log-decay per step: g [..., C] -> L [..., C, C], L[i, j] =
+    exp(b_i - b_j) for j <= i, 0 above (b: the chunk-local cumsum of g). In fp32 the exponents are
+    differences of an fp64 cumsum, rounded once: exact to fp32 rounding and <= 0 (a cumsum of
+    non-positive numbers never increases), with a backward of two reductions and a reverse cumsum,
+    rather than segsum's masked [C, C] cumsum (several passes over [..., C, C] each way; the
+    largest cost after the matmuls at chunk 64). fp64 inputs (tests' references) keep segsum."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor) -> Tensor:
+        b = g.clamp(min=MIN_LOG_DECAY).to(torch.float64).cumsum(-1)
+        L = (b.unsqueeze(-1) - b.unsqueeze(-2)).to(g.dtype).exp_().tril_()  # (above: e^{>= 0}, zeroed)
+        ctx.save_for_backward(L)
+        return L
+
+    @staticmethod
+    def backward(ctx, dL: Tensor) -> Tensor:
+        (L,) = ctx.saved_tensors
+        dD = dL * L  # d/d(b_i - b_j)
+        # summed in fp64: dg_s = sum_{t >= s} (row_t - col_t) cancels the pairs on both sides of s
+        db = dD.sum(-1, dtype=torch.float64) - dD.sum(-2, dtype=torch.float64)
+        return db.flip(-1).cumsum(-1).flip(-1).to(dL.dtype)  # dg_s = sum_{t >= s} db_t
+
+
+def decay_mask(g: Tensor) -> Tensor:
+    """exp(segsum) of scalar log-decays g [..., C] -> [..., C, C]: the causal decay mask of a chunk."""
+    if g.dtype == torch.float64:
+        return segsum(g.unsqueeze(-1)).squeeze(-1).exp()
+    return _ScalarDecayMask.apply(g)
 
 
 def suffix_sum(x: Tensor) -> Tensor:
@@ -215,7 +252,8 @@ def chunked(
     pad = N * C - T
     # [B, H, N, C, D]
     q, k, v = (pad_time(x.to(cdt), pad).unflatten(2, (N, C)) for x in (q, k, v))
-    q = q * scale
+    if scale != 1.0:  # (a pass over q and one back for nothing otherwise)
+        q = q * scale
 
     if g is None:
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
@@ -224,7 +262,7 @@ def chunked(
     else:
         g = pad_time(g, pad).unflatten(2, (N, C))  # [B|1, H, N, C, 1|Dk]
         if g.shape[-1] == 1:  # (shared q, k: one q k^T [B, 1, N, C, C], each head's mask applied to it)
-            A = (q @ k.transpose(-1, -2)) * segsum(g).squeeze(-1).exp()
+            A = (q @ k.transpose(-1, -2)) * decay_mask(g.squeeze(-1))
         else:
             A = _intra_channel_fast(q, k, g) if fast else _intra_channel_exact(q, k, g)
         qb = q * g.cumsum(-2).exp()  # exp(b_i): decay from the chunk start to i
