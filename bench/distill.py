@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Issue 13's evidence: a small Transformer teacher on real English, then subquadratic students
 distilled from it (`lmtk distill`) at an equal step budget, strategy by strategy.
 
@@ -65,7 +64,7 @@ RECIPE_MIXER = {"mohawk": "mamba2", "lolcats": "linear"}  # the recipe sets the 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Build the corpus first: "
+    p = argparse.ArgumentParser(description="Issue 13: a Transformer teacher on English, then students distilled from it, strategy by strategy, at an equal step budget.", epilog="Build the corpus first: "
                                 "bash /work/shared/corpora/english.sh DIR; extra key=value arguments go to every student run.")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="directory with train.txt and val.txt (default: %(default)s)")
     p.add_argument("--teacher-steps", type=int, default=2500, help="the teacher's optimizer steps (default: %(default)s)")
@@ -120,7 +119,7 @@ def lmtk(args, label: str, cmd: list[str], overrides: list[str], name: str, reus
     t0 = time.perf_counter()
     with open(log, "w") as f:
         if args.quiet:
-            rc = subprocess.run(argv, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(argv, check=False, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
         else:
             proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for line in proc.stdout:
@@ -177,19 +176,20 @@ def main(argv=None) -> int:
           f"val loss {t_loss:.4f}, val bpb {t['val/bpb']:.4f}; unigram val loss {uni:.4f}, bpb {t['unigram_bpb']:.4f}; "
           f"students {args.steps} steps, seed {args.seed}{', ' + ' '.join(args.overrides) if args.overrides else ''}")
     best = {}
-    head = ["strategy", "init", "stages", "lr", "val loss", "val bpb", "vs train", "gap recovered", "train s"]
+    head = ["strategy", "init", "stages", "lr", "params", "val loss", "val bpb", "vs train", "gap recovered", "train s"]
     for mixer, rows in results.items():
         lines = []
         base = (rows.get("train") or {}).get("val/loss")
         for strat, s in rows.items():
             if s is None:
-                lines.append([strat, *["-"] * 3, "failed", *["-"] * 4])
+                lines.append([strat, *["-"] * 4, "failed", *["-"] * 4])
                 continue
             cmd, ov, _ = STRATEGIES[strat]
             stages = "CE" if cmd[0] == "train" else ",".join(f"{a}:{b:g}" for a, b in s.get("stages", []))
             lr = "3e-3" if cmd[0] == "train" or "train.lr=3e-3" in ov else "1e-3"
             g = gap(s)
             lines.append([strat, s.get("init", "-") if cmd[0] != "train" else "random", stages, lr,
+                          fmt(s.get("params") and s["params"] / 1e3, ",.0f") + "k",
                           fmt(s.get("val/loss"), ".4f"), fmt(s.get("val/bpb"), ".4f"),
                           fmt(None if base is None else s["val/loss"] - base, "+.4f"),
                           fmt(None if g is None else 100 * g, ".1f") + ("%" if g is not None else ""),
