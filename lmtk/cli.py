@@ -125,40 +125,140 @@ def eval_(args: Optional[List[str]] = typer.Argument(None, help=EVAL_HELP, metav
     run(targets, compose_eval(overrides))
 
 
-@app.command()
-def runs(
-    root: str = typer.Option(None, "--root", help="runs directory (default: $LMTK_RUNS or ./runs)"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-):
-    """Table of runs: name, kind, status, steps, tokens, val loss, eval headlines, created."""
-    from rich.table import Table
+ROOT_HELP = "runs directory (default: $LMTK_RUNS or ./runs)"
 
+runs_app = typer.Typer(
+    help="Runs in the runs directory: the table (no subcommand), show, compare, rm.",
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(runs_app, name="runs")
+
+
+def _root(ctx: typer.Context | None, root: str | None) -> str:
+    """--root of the subcommand, else of `lmtk runs`, else $LMTK_RUNS, else ./runs."""
+    parent = ctx.parent.params.get("root") if ctx is not None and ctx.parent is not None else None
+    return root or parent or os.environ.get("LMTK_RUNS", "runs")
+
+
+def _stdout_console():
     from lmtk.log import console
-    from lmtk.runs import list_runs
 
-    rows = list_runs(root or os.environ.get("LMTK_RUNS", "runs"))
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    t = Table(title=f"runs in {root or os.environ.get('LMTK_RUNS', 'runs')}")
-    for col in ("name", "kind", "status", "steps", "tokens", "val loss", "eval", "created"):
-        # names and numbers are never cut or wrapped; the eval headlines (one line per suite) wrap
-        t.add_column(col, justify="right" if col in ("steps", "tokens", "val loss") else "left",
-                     no_wrap=col != "eval", overflow="fold" if col == "eval" else "ellipsis")
-    for r in rows:
-        vl = r.get("val_loss")
-        t.add_row(
-            r["name"], r.get("kind", "?"), r.get("status", "?"),
-            f"{r['steps']:,}" if r.get("steps") is not None else "-",
-            f"{r['tokens']:,}" if r.get("tokens") is not None else "-",
-            f"{vl:.4f}" if vl is not None else "-",
-            "\n".join(f"{suite} {h['score']}={h['value']:.3f}" for suite, h in (r.get("eval") or {}).items()) or "-",
-            str(r.get("created", "?"))[:16],
-        )
     console.file = sys.stdout
     if not sys.stdout.isatty():  # piped or captured: rich's 80 columns would cut the names
         console.width = max(console.width, 140)
-    console.print(t)
+    return console
+
+
+@runs_app.callback()
+def runs(
+    ctx: typer.Context,
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Table of runs: name, kind, status, parent, steps, tokens, val loss, val bpb, eval headlines, created."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from lmtk.runs import list_runs
+
+    where = _root(None, root)
+    rows = list_runs(where)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title=f"runs in {where}")
+    right = ("steps", "tokens", "val loss", "val bpb")
+    for col in ("name", "kind", "status", "parent", "steps", "tokens", "val loss", "val bpb", "eval", "created"):
+        # names and numbers are never cut or wrapped; parents and the eval headlines (one line per suite) wrap
+        wrap = col in ("eval", "parent")
+        t.add_column(col, justify="right" if col in right else "left", no_wrap=not wrap, overflow="fold" if wrap else "ellipsis")
+    for r in rows:
+        vl, vb = r.get("val_loss"), r.get("val_bpb")
+        t.add_row(
+            r["name"], r.get("kind") or "?", r.get("status") or "?", r.get("parent") or "-",
+            f"{r['steps']:,}" if r.get("steps") is not None else "-",
+            f"{r['tokens']:,}" if r.get("tokens") is not None else "-",
+            f"{vl:.4f}" if vl is not None else "-",
+            f"{vb:.4f}" if vb is not None else "-",
+            "\n".join(f"{suite} {h['score']}={h['value']:.3f}" for suite, h in (r.get("eval") or {}).items()) or "-",
+            str(r.get("created", "?"))[:16],
+        )
+    _stdout_console().print(t)
+
+
+@runs_app.command("show")
+def runs_show(
+    ctx: typer.Context,
+    run: str = typer.Argument(..., help="run name (in the runs directory) or run directory"),
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+):
+    """One run: its config against its recipe, metrics summary, lineage (parents, children) and eval results."""
+    from lmtk.runview import render_show, show_data
+
+    d = show_data(_root(ctx, root), run)
+    if as_json:
+        typer.echo(json.dumps(d, indent=2, default=str))
+        return
+    render_show(d, _stdout_console())
+
+
+@runs_app.command("compare")
+def runs_compare(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="two or more run names or run directories", metavar="RUN RUN [RUN]..."),
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Runs side by side: kind, recipe, steps, tokens, params, train time, losses, eval headlines, config differences."""
+    from lmtk.runview import compare_data, render_compare
+
+    d = compare_data(_root(ctx, root), list(names))
+    if as_json:
+        typer.echo(json.dumps(d, indent=2, default=str))
+        return
+    render_compare(d, _stdout_console())
+
+
+@runs_app.command("rm")
+def runs_rm(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="run names or run directories", metavar="RUN..."),
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+):
+    """Delete runs (after confirmation); refuses a run that is running."""
+    from lmtk.runs import RunDir, children, dir_size, remove, writer_pid
+
+    where = _root(ctx, root)
+    targets = [RunDir.open(where, n) for n in dict.fromkeys(names)]
+    for run in targets:  # refuse before asking anything
+        pid = writer_pid(run.path)
+        if pid is not None:
+            raise UserError(f"run '{run.name}' is running (process {pid}); stop it first (Ctrl-C), then lmtk runs rm {run.name}")
+    for run in targets:
+        info = run.info()
+        kids = [n for n, _, _ in children(where, run.path) if n not in {t.name for t in targets}]
+        n = len(run.checkpoints()) + (run.ckpt_dir / "final").is_dir()
+        line = (f"delete run '{run.name}' ({info.get('kind') or '?'}, {info.get('status') or '?'}, "
+                f"{n} checkpoint{'s' * (n != 1)}, {dir_size(run.path) / 2**20:.1f} MiB) at {run.path}")
+        if kids:
+            line += f"; runs started from it keep only its path: {', '.join(kids)}"
+        if yes:
+            typer.echo(line, err=True)
+        else:
+            try:
+                ok = typer.confirm(line + "?", default=False, err=True)
+            except typer.Abort:  # end of input: no answer is no
+                typer.echo("", err=True)
+                ok = False
+            if not ok:
+                typer.echo(f"kept run '{run.name}' (and any after it)", err=True)
+                raise typer.Exit(1)
+        remove(run)
+        typer.echo(f"deleted run '{run.name}'")
 
 
 @app.command()

@@ -1,0 +1,135 @@
+"""The user's side of the runs directory: `lmtk runs` (parent, val bpb), `runs show`, `runs
+compare`, `runs rm`.
+
+One module-level world: a tiny teacher `t` (trained), a distilled student `s` of it (distilled),
+and two runs written by hand: `f` (a finetune whose base is t's final checkpoint) and eval
+results for t, so lineage and eval columns have something to show without more training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import helpers
+
+TEACHER = [*helpers.TINY, "budget.steps=6", "logger.every=2", "val.every=3"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shared_cache):
+    root = tmp_path_factory.mktemp("user-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMTK_RUNS", str(root))
+        mp.setenv("LMTK_CACHE", str(shared_cache))
+        helpers.train(*TEACHER, "run.name=t")
+        res = helpers.cli("distill", "teacher=t", "model/mixer=gla", "budget.steps=4", "logger.every=1", "val.tokens=2048",
+                          "run.name=s")
+        assert res.exit_code == 0, res.output
+    helpers.reset_console()
+    # a finetune child of t's final checkpoint, written by hand (lineage through a checkpoint path)
+    f = root / "f"
+    shutil.copytree(root / "t", f, ignore=shutil.ignore_patterns("checkpoints", "plots"))
+    info = json.loads((f / "run.json").read_text())
+    info.update(name="f", kind="finetune", recipe="finetune", parents={"base": str(root / "t" / "checkpoints" / "final")})
+    (f / "run.json").write_text(json.dumps(info))
+    # an eval result of t
+    (root / "t" / "eval").mkdir()
+    (root / "t" / "eval" / "ppl.json").write_text(json.dumps({"suite": "ppl", "step": 6, "scores": {"bpb": 3.25, "loss": 5.5, "ppl": 244.7},
+                                                             "headline": "bpb"}))
+    return root
+
+
+def _json(*args):
+    res = helpers.cli(*args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def _summary(run: Path) -> dict:
+    return helpers.info(run)["summary"]
+
+
+# ---- lmtk runs ----------------------------------------------------------------------------------
+
+
+def test_runs_table_has_parent_val_bpb_and_eval(world):
+    rows = {r["name"]: r for r in _json("runs", "--root", world, "--json")}
+    assert rows["s"]["parent"] == "teacher t" and rows["f"]["parent"] == "base t" and rows["t"]["parent"] is None
+    assert rows["s"]["val_bpb"] == _summary(world / "s")["val/bpb"]
+    assert rows["t"]["eval"] == {"ppl": {"score": "bpb", "value": 3.25}}
+    out = helpers.cli("runs", "--root", world).output
+    line = next(line for line in out.splitlines() if line.startswith("│ s "))
+    assert "distill" in line and "teacher t" in line and f"{_summary(world / 's')['val/bpb']:.4f}" in line
+    assert "ppl bpb=3.250" in next(line for line in out.splitlines() if line.startswith("│ t "))
+
+
+def test_runs_show_lineage_summary_eval_and_config_diff(world):
+    d = _json("runs", "show", "s", "--root", world, "--json")
+    assert d["kind"] == "distill" and d["parents"] == [{"role": "teacher", "run": "t", "path": str(world / "t")}]
+    assert d["summary"]["steps"] == 4
+    diff = {r["key"]: r for r in d["config_diff"]}
+    # the distill recipe's model is small-gpt (d_model 128); the student took the teacher's 32: shown, and why
+    assert diff["model.d_model"]["recipe"] == "128" and diff["model.d_model"]["run"] == "32"
+    assert diff["model.d_model"]["why"] == "the teacher's architecture"
+    assert diff["budget.steps"]["why"] == "override budget.steps=4" and diff["budget.steps"]["run"] == "4"
+    assert "model.mixer.name" not in diff  # the distill recipe's mixer is gla already
+    t = _json("runs", "show", "t", "--root", world, "--json")
+    assert {(c["run"], c["role"]) for c in t["children"]} == {("s", "teacher"), ("f", "base")}
+    assert t["eval"]["ppl"]["headline"] == "bpb" and t["eval"]["ppl"]["value"] == 3.25
+    text = helpers.cli("runs", "show", "t", "--root", world).output
+    for fragment in ("lineage", "child (its teacher)", "child (its base)", "bpb=3.2500", "model.d_model", "override model.d_model=32"):
+        assert fragment in text, text
+
+
+def test_runs_compare_side_by_side(world):
+    d = _json("runs", "--root", world, "compare", "t", "s", "--json")
+    t, s = d["runs"]
+    assert (t["name"], s["name"]) == ("t", "s")
+    assert t["val_loss"] == _summary(world / "t")["val/loss"] and s["val_bpb"] == _summary(world / "s")["val/bpb"]
+    assert (t["steps"], s["steps"]) == (6, 4) and s["parent"] == "teacher t"
+    diff = {r["key"]: r["values"] for r in d["config_diff"]}
+    assert diff["model.mixer.name"] == ["attention", "gla"] and diff["budget.steps"] == ["6", "4"]
+    text = helpers.cli("runs", "compare", "t", "s", "--root", world).output
+    row = next(line for line in text.splitlines() if "val bpb" in line)
+    assert f"{_summary(world / 't')['val/bpb']:.4f}" in row and f"{_summary(world / 's')['val/bpb']:.4f}" in row
+    assert "eval ppl" in text and "bpb=3.2500" in text
+
+
+def test_runs_rm_asks_and_refuses_a_running_run(world, tmp_path):
+    root = tmp_path / "rm"
+    for name in ("a", "b", "c"):
+        shutil.copytree(world / "t", root / name, ignore=shutil.ignore_patterns("checkpoints"))
+    res = helpers.cli("runs", "rm", "a", "--root", root)  # no answer: kept
+    assert res.exit_code == 1 and (root / "a").is_dir()
+    from typer.testing import CliRunner
+
+    from lmtk.cli import app
+
+    res = CliRunner().invoke(app, ["runs", "rm", "a", "--root", str(root)], input="n\n")
+    assert res.exit_code == 1 and (root / "a").is_dir()
+    res = CliRunner().invoke(app, ["runs", "rm", "a", "--root", str(root)], input="y\n")
+    assert res.exit_code == 0 and not (root / "a").exists() and "deleted run 'a'" in res.output
+    # a live writer: refused, untouched
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (root / "b" / ".lock").write_text(str(sleeper.pid))
+        res = helpers.cli("runs", "rm", "b", "--yes", "--root", root)  # the message and exit status: test_errors.py
+        assert f"run 'b' is running (process {sleeper.pid})" in str(res.exception) and (root / "b").is_dir()
+        rows = {r["name"]: r for r in _json("runs", "--root", root, "--json")}
+        assert rows["b"]["status"] == "done"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the writer gone (a killed run: status running, a stale lock): removable, and listed as stale
+    info = json.loads((root / "c" / "run.json").read_text())
+    (root / "c" / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    (root / "c" / ".lock").write_text(str(sleeper.pid))
+    assert {r["name"]: r["status"] for r in _json("runs", "--root", root, "--json")}["c"] == "stale"
+    for name in ("b", "c"):
+        assert helpers.cli("runs", "rm", name, "-y", "--root", root).exit_code == 0
+    assert not any(root.iterdir())
