@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from typing import List, Optional
 
 import typer
@@ -259,6 +260,39 @@ def runs_rm(
                 raise typer.Exit(1)
         remove(run)
         typer.echo(f"deleted run '{run.name}'")
+
+
+class XAxis(str, Enum):
+    step = "step"
+    tokens = "tokens"
+    time = "time"
+
+
+@app.command()
+def plot(
+    runs: List[str] = typer.Argument(..., help="run names (in the runs directory) or run directories", metavar="RUN..."),
+    x: XAxis = typer.Option(XAxis.step, "--x", help="x-axis: step, tokens seen, or wall time since the first row"),
+    out: str = typer.Option(None, "--out", "-o", help="folder for the PNGs (default, one run: <run>/plots/; several runs: required)"),
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+):
+    """PNGs of train loss, val loss / bits-per-byte, learning rate and tokens/s; several runs overlaid (needs matplotlib: the plot extra)."""
+    from pathlib import Path
+
+    from lmtk.plot import plot_dir, plot_runs, require_matplotlib
+    from lmtk.runs import RunDir
+
+    where = _root(None, root)
+    targets = [RunDir.open(where, n) for n in dict.fromkeys(runs)]
+    if len(targets) > 1 and out is None:
+        raise UserError(f"{len(targets)} runs are overlaid into one set of plots: name a folder for them with --out DIR")
+    require_matplotlib()
+    dest = Path(out) if out is not None else plot_dir(targets[0])
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the PNGs")
+    files, notes = plot_runs(targets, dest, x.value)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"wrote {len(files)} plots to {dest}/: {', '.join(f.name for f in files)}")
 
 
 @app.command()

@@ -4,6 +4,7 @@ runs/<name>/
   run.json  config.yaml  overrides.yaml  tokenizer.json  model.json  metrics.jsonl
   checkpoints/step-000500/   checkpoints/final/    (the format: lmtk/checkpoint.py)
   eval/<suite>.json                                (lmtk eval: lmtk/eval/results.py)
+  plots/*.png                                      (lmtk plot: lmtk/plot.py)
 
 The run directory owns the lock, run.json (status, history) and where checkpoints go;
 what is inside a checkpoint, and loading one, is lmtk.checkpoint's business.

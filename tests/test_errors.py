@@ -167,6 +167,10 @@ ROWS = [
      "distill.shape=attention: model.mixer=mlstm has no setting with attention's q, k, v, o shapes"),
     ("distill-alpha-range", ["distill", "teacher=done", "distill.alpha=2"], "distill.alpha=2.0 must be in [0, 1]"),
     ("distill-setting-in-train", ["train", "teacher=done"], "teacher=done is a distillation setting: use lmtk distill"),
+    ("plot-run-missing", ["plot", "nope"], "no run named 'nope'"),
+    ("plot-several-without-out", ["plot", "done", "recurrent"], "2 runs are overlaid into one set of plots: name a folder for them with --out DIR"),
+    ("plot-out-is-a-file", ["plot", "done", "--out", "{base}/data/short.txt"], "is a file; give a folder for the PNGs"),
+    ("plot-bad-axis", ["plot", "done", "--x", "epoch"], "Invalid value for '--x'"),
     ("runs-show-missing", ["runs", "show", "nope"], "no run named 'nope'"),
     ("runs-compare-one-run", ["runs", "compare", "done"], "lmtk runs compare needs at least two runs"),
     ("runs-rm-missing", ["runs", "rm", "nope", "--yes"], "no run named 'nope'"),
@@ -294,6 +298,6 @@ def test_catalogue_documents_every_row():
     doc = (REPO / "docs" / "errors.md").read_text()
     names = [r[0] for r in ROWS] + ["unreadable-data-file", "disk-full-while-saving", "out-of-memory", "run-in-use",
                                     "corrupted-checkpoint", "too-many-non-finite-steps",
-                                    "runs-rm-running"]
+                                    "runs-rm-running", "plot-without-matplotlib"]
     missing = [n for n in names if f"`{n}`" not in doc]
     assert not missing, f"docs/errors.md lacks rows: {missing}"

@@ -1,5 +1,5 @@
 """The user's side of the runs directory: `lmtk runs` (parent, val bpb), `runs show`, `runs
-compare`, `runs rm`.
+compare`, `runs rm`, `lmtk plot` and the plots written at the end of a run.
 
 One module-level world: a tiny teacher `t` (trained), a distilled student `s` of it (distilled),
 and two runs written by hand: `f` (a finetune whose base is t's final checkpoint) and eval
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,83 @@ def test_runs_rm_asks_and_refuses_a_running_run(world, tmp_path):
     for name in ("b", "c"):
         assert helpers.cli("runs", "rm", name, "-y", "--root", root).exit_code == 0
     assert not any(root.iterdir())
+
+
+# ---- lmtk plot ----------------------------------------------------------------------------------
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_one_run_into_its_plots_folder(world):
+    pytest.importorskip("matplotlib")
+    res = helpers.cli("plot", "t", "--x", "tokens", "--root", world)  # the axes themselves: test_plot_series_axes
+    assert res.exit_code == 0, res.output
+    plots = world / "t" / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == ["lr.png", "tok_s.png", "train_loss.png", "val.png"]
+    assert _png_size(plots / "train_loss.png") == (800, 450) and _png_size(plots / "val.png") == (1200, 450)
+
+
+def test_plot_several_runs_overlaid_into_out(world, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = helpers.cli("plot", "t", "s", "--out", tmp_path / "cmp", "--root", world)
+    assert res.exit_code == 0, res.output
+    assert {p.name: _png_size(p) for p in (tmp_path / "cmp").iterdir()} == {
+        "train_loss.png": (800, 450), "lr.png": (800, 450), "tok_s.png": (800, 450), "val.png": (1200, 450)}
+    res = helpers.cli("plot", "t", "s", "--root", world)
+    assert res.exit_code != 0  # several runs need --out
+
+
+def test_plot_series_axes(world):
+    from lmtk.plot import Series
+    from lmtk.runs import RunDir
+
+    s = Series(RunDir(world / "t"), "t")
+    steps = [r["step"] for r in s.val]
+    assert steps == [0, 3, 6]
+    tokens_per_step = 8 * 32  # train.batch_size x data.seq_len
+    assert s.x(s.val, "tokens") == [st * tokens_per_step for st in steps]
+    assert s.x(s.val, "step") == steps
+    times = s.x(s.train + s.val, "time")
+    assert min(times) >= 0 and max(times) == s.duration()
+
+
+def test_plots_written_at_the_end_of_training(lmtk_env, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("LMTK_PLOTS", "1")
+    helpers.train(*helpers.TINY, "budget.steps=2", "logger.every=1", "run.name=p")
+    assert sorted(p.name for p in (lmtk_env.runs / "p" / "plots").iterdir()) == ["lr.png", "tok_s.png", "train_loss.png", "val.png"]
+
+
+def test_a_plotting_failure_is_one_warning(world, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    import lmtk.plot
+    from lmtk.runs import RunDir
+
+    def broken(*a, **k):
+        raise RuntimeError("no fonts\nsecond line")
+
+    monkeypatch.setenv("LMTK_PLOTS", "1")
+    monkeypatch.setattr(lmtk.plot, "plot_runs", broken)
+    lmtk.plot.after_run(RunDir(world / "s"))  # returns: the run is done whatever plotting does
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: plots not written: no fonts (lmtk plot s retries)"]
+
+
+def test_plot_without_matplotlib(world, monkeypatch, capsys):
+    from lmtk.cli import main
+    from lmtk.plot import after_run
+    from lmtk.runs import RunDir
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setenv("LMTK_PLOTS", "1")
+    monkeypatch.setattr(sys, "argv", ["lmtk", "plot", "s", "--root", str(world)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: lmtk plot needs matplotlib: pip install 'lmtk[plot]'"
+    after_run(RunDir(world / "s"))  # at the end of a run: nothing, silently
+    assert capsys.readouterr().err == "" and not (world / "s" / "plots").exists()

@@ -100,7 +100,10 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
             rundir.add_history(step=ckpt_step, overrides=overrides, changed={k: list(v) for k, v in changes.items()})
         summary = _train(cfg, rundir, base, model, info, task, data, dev, dtype, ckpt, dist, data_meta, ft_meta)
         rundir.finish("done", summary=summary)
-        return summary
+    from lmtk.plot import after_run
+
+    after_run(rundir)  # <run>/plots/ when matplotlib is importable; never fails the finished run
+    return summary
 
 
 def _take_model_config(cfg, base: Base) -> None:
