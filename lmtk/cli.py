@@ -23,6 +23,24 @@ app = typer.Typer(
 ARGS_HELP = "[RECIPE] [key=value ...]: a recipe name (default: 'default') and Hydra overrides (key=value, group=option, +new.key=value)"
 
 
+def _complete_recipe_args(ctx: typer.Context, incomplete: str) -> list[str]:
+    from lmtk.completion import complete_recipe_args
+
+    return complete_recipe_args(ctx, incomplete)
+
+
+def _complete_eval_args(ctx: typer.Context, incomplete: str) -> list[str]:
+    from lmtk.completion import complete_eval_args
+
+    return complete_eval_args(ctx, incomplete)
+
+
+def _complete_runs(ctx: typer.Context, incomplete: str) -> list[str]:
+    from lmtk.completion import complete_runs
+
+    return complete_runs(ctx, incomplete)
+
+
 def _split(args: Optional[List[str]]) -> tuple[str, list[str]]:
     args = list(args or [])
     if args and "=" not in args[0]:
@@ -45,7 +63,8 @@ def _launch_or_run(command: str, recipe: str, overrides: list[str], cfg, run) ->
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
-def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...")):
+def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...",
+                                                     autocompletion=_complete_recipe_args)):
     """Pretrain a language model (CLM, MLM) on a step, token, epoch or wall-clock budget."""
     from lmtk.config import compose
     from lmtk.train.pretrain import run
@@ -56,7 +75,7 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
 
 @app.command(context_settings={"ignore_unknown_options": True})
 def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] base=RUN [task=glue/sst2 | task=local ...] [peft=full|bitfit|lora] [key=value ...]",
-                                                         metavar="[RECIPE] [OVERRIDES]...")):
+                                                         metavar="[RECIPE] [OVERRIDES]...", autocompletion=_complete_recipe_args)):
     """Fine-tune a run (or a Hugging Face model) on a task or on text: full, BitFit or LoRA."""
     from lmtk.config import compose
     from lmtk.finetune.run import run
@@ -70,7 +89,7 @@ def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] bas
 @app.command(context_settings={"ignore_unknown_options": True})
 def distill(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] teacher=RUN [model/mixer=NAME] [model.layers=...] "
                                                         "[distill.init=...] [distill.stages=[mixer:0.1,kd:0.9]] [key=value ...]",
-                                                        metavar="[RECIPE] [OVERRIDES]...")):
+                                                        metavar="[RECIPE] [OVERRIDES]...", autocompletion=_complete_recipe_args)):
     """Distil a Transformer teacher into a student with subquadratic mixers: weight transfer, alignment stages, KD."""
     from lmtk.config import compose
     from lmtk.distill.run import run
@@ -101,7 +120,8 @@ def recipes():
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
-def config(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...")):
+def config(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...",
+                                                      autocompletion=_complete_recipe_args)):
     """Print the composed, resolved config of a recipe with overrides applied."""
     from lmtk.config import compose, to_yaml
 
@@ -115,7 +135,8 @@ EVAL_HELP = ("RUN... [key=value ...]: run names (in $LMTK_RUNS or ./runs), run d
 
 
 @app.command("eval", context_settings={"ignore_unknown_options": True})
-def eval_(args: Optional[List[str]] = typer.Argument(None, help=EVAL_HELP, metavar="RUN... [OVERRIDES]...")):
+def eval_(args: Optional[List[str]] = typer.Argument(None, help=EVAL_HELP, metavar="RUN... [OVERRIDES]...",
+                                                     autocompletion=_complete_eval_args)):
     """Evaluate runs or checkpoints: perplexity/bits-per-byte, minimal pairs, ...; results in <run>/eval/<suite>.json."""
     from lmtk.config import compose_eval
     from lmtk.eval.command import run
@@ -192,7 +213,7 @@ def runs(
 @runs_app.command("show")
 def runs_show(
     ctx: typer.Context,
-    run: str = typer.Argument(..., help="run name (in the runs directory) or run directory"),
+    run: str = typer.Argument(..., help="run name (in the runs directory) or run directory", autocompletion=_complete_runs),
     root: str = typer.Option(None, "--root", help=ROOT_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ):
@@ -209,7 +230,8 @@ def runs_show(
 @runs_app.command("compare")
 def runs_compare(
     ctx: typer.Context,
-    names: List[str] = typer.Argument(..., help="two or more run names or run directories", metavar="RUN RUN [RUN]..."),
+    names: List[str] = typer.Argument(..., help="two or more run names or run directories", metavar="RUN RUN [RUN]...",
+                               autocompletion=_complete_runs),
     root: str = typer.Option(None, "--root", help=ROOT_HELP),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ):
@@ -226,7 +248,7 @@ def runs_compare(
 @runs_app.command("rm")
 def runs_rm(
     ctx: typer.Context,
-    names: List[str] = typer.Argument(..., help="run names or run directories", metavar="RUN..."),
+    names: List[str] = typer.Argument(..., help="run names or run directories", metavar="RUN...", autocompletion=_complete_runs),
     root: str = typer.Option(None, "--root", help=ROOT_HELP),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
 ):
@@ -270,7 +292,8 @@ class XAxis(str, Enum):
 
 @app.command()
 def plot(
-    runs: List[str] = typer.Argument(..., help="run names (in the runs directory) or run directories", metavar="RUN..."),
+    runs: List[str] = typer.Argument(..., help="run names (in the runs directory) or run directories", metavar="RUN...",
+                                     autocompletion=_complete_runs),
     x: XAxis = typer.Option(XAxis.step, "--x", help="x-axis: step, tokens seen, or wall time since the first row"),
     out: str = typer.Option(None, "--out", "-o", help="folder for the PNGs (default, one run: <run>/plots/; several runs: required)"),
     root: str = typer.Option(None, "--root", help=ROOT_HELP),
@@ -297,7 +320,7 @@ def plot(
 
 @app.command()
 def generate(
-    run: str = typer.Argument(..., help="run name, run directory or checkpoint directory"),
+    run: str = typer.Argument(..., help="run name, run directory or checkpoint directory", autocompletion=_complete_runs),
     prompt: str = typer.Option("", "--prompt", "-p", help="text to continue"),
     max_new: int = typer.Option(100, "--max-new", "-n", help="tokens to generate"),
     temperature: float = typer.Option(0.8, help="0: greedy"),
@@ -338,12 +361,32 @@ def generate(
     typer.echo(tok.decode(out[0].tolist()))
 
 
+class Shell(str, Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command()
+def completion(shell: Shell = typer.Argument(..., help="bash, zsh or fish")):
+    """Print the shell completion script: eval "$(lmtk completion bash)" (in ~/.bashrc), likewise zsh; fish: | source."""
+    from lmtk.completion import script
+
+    typer.echo(script(shell.value), nl=False)
+
+
 def _click_error(err: Exception) -> bool:
     # typer vendors click (typer._click), so match its exceptions by shape, not by class.
     return hasattr(err, "format_message") and hasattr(err, "exit_code")
 
 
 def main() -> None:
+    from lmtk.completion import COMPLETE_VAR
+
+    if os.environ.get(COMPLETE_VAR):  # the shell asks for completions (lmtk completion SHELL's script)
+        from lmtk.completion import complete_main
+
+        sys.exit(complete_main(app))
     debug = os.environ.get("LMTK_DEBUG") == "1"
     try:
         rc = app(standalone_mode=False)

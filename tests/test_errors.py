@@ -174,6 +174,7 @@ ROWS = [
     ("runs-show-missing", ["runs", "show", "nope"], "no run named 'nope'"),
     ("runs-compare-one-run", ["runs", "compare", "done"], "lmtk runs compare needs at least two runs"),
     ("runs-rm-missing", ["runs", "rm", "nope", "--yes"], "no run named 'nope'"),
+    ("completion-unknown-shell", ["completion", "tcsh"], "'tcsh' is not one of 'bash', 'zsh', 'fish'"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]

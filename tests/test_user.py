@@ -1,5 +1,5 @@
 """The user's side of the runs directory: `lmtk runs` (parent, val bpb), `runs show`, `runs
-compare`, `runs rm`, `lmtk plot` and the plots written at the end of a run.
+compare`, `runs rm`, `lmtk plot` and the plots written at the end of a run, shell completion.
 
 One module-level world: a tiny teacher `t` (trained), a distilled student `s` of it (distilled),
 and two runs written by hand: `f` (a finetune whose base is t's final checkpoint) and eval
@@ -8,10 +8,12 @@ results for t, so lineage and eval columns have something to show without more t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,72 @@ def test_plot_without_matplotlib(world, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "error: lmtk plot needs matplotlib: pip install 'lmtk[plot]'"
     after_run(RunDir(world / "s"))  # at the end of a run: nothing, silently
     assert capsys.readouterr().err == "" and not (world / "s" / "plots").exists()
+
+
+# ---- shell completion ---------------------------------------------------------------------------
+
+
+def _ctx(params=None, parent=None):
+    return types.SimpleNamespace(params=params or {}, parent=parent)
+
+
+def test_completion_callbacks(world, monkeypatch):
+    from lmtk import completion as c
+    from lmtk.config import recipe_names
+
+    monkeypatch.setenv("LMTK_RUNS", str(world))
+    assert c.run_names() == ["f", "s", "t"]
+    assert c.complete_runs(_ctx({"names": ["t"]}), "") == ["f", "s"]
+    assert c.complete_runs(_ctx({"root": "/nowhere"}), "") == []
+    first = c.complete_recipe_args(_ctx(), "")
+    assert set(recipe_names()) <= set(first) and "model=" in first and "model/mixer=" in first and "budget." in first
+    assert "cramming-bert" not in c.complete_recipe_args(_ctx({"args": ["default"]}), "cr")  # a recipe comes first only
+    assert c.complete_recipe_args(_ctx({"args": ["default"]}), "model/mixer=g") == ["model/mixer=gdn", "model/mixer=gla"]
+    assert "model=gpt2" in c.complete_recipe_args(_ctx(), "model=")
+    assert "task=glue/sst2" in c.override_candidates("task=glue/s") and "task/glue=" not in c.override_candidates("task")
+    assert c.override_candidates("model.d_mo") == ["model.d_model="]
+    assert "model.mixer." in c.override_candidates("model.m") and "model.mixer.chunk=" in c.override_candidates("model.mixer.")
+    assert c.override_candidates("precision=b") == ["precision=bf16"]
+    assert c.override_candidates("teacher=") == ["teacher=f", "teacher=s", "teacher=t"]
+    assert c.complete_eval_args(_ctx(), "") [:3] == ["f", "s", "t"]
+    assert "suite=ppl" in c.complete_eval_args(_ctx({"args": ["t"]}), "suite=")
+    assert "ppl.tokens=" in c.complete_eval_args(_ctx({"args": ["t"]}), "ppl.t")
+
+
+def _complete(env: dict) -> list[str]:
+    p = helpers.lmtk(env={"_LMTK_COMPLETE": "complete_bash", **env})
+    assert p.returncode == 0, p.stderr
+    return p.stdout.split()
+
+
+def test_completion_end_to_end_through_the_environment(world):
+    runs = {"LMTK_RUNS": str(world)}
+    # click's convention: COMP_WORDS / COMP_CWORD (bash has cut model/mixer=g at '=')
+    assert _complete({**runs, "COMP_WORDS": "lmtk runs show ", "COMP_CWORD": "3"}) == ["f", "s", "t"]
+    assert _complete({**runs, "COMP_WORDS": "lmtk train model/mixer = g", "COMP_CWORD": "4"}) == ["gdn", "gla"]
+    # lmtk's bash script: the line up to the cursor; bash replaces the part after the last '='
+    assert _complete({**runs, "_LMTK_COMPLETE_LINE": "lmtk distill teacher=t"}) == ["t"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_completion_bash_script(world, tmp_path):
+    res = helpers.cli("completion", "bash")
+    assert res.exit_code == 0 and "complete -o default -F _lmtk_completion lmtk" in res.output
+    (tmp_path / "lmtk.bash").write_text(res.output)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "lmtk").write_text(f'#!/bin/sh\nexec {sys.executable} -m lmtk "$@"\n')
+    (bindir / "lmtk").chmod(0o755)
+    test = f"""source {tmp_path / 'lmtk.bash'}
+COMP_LINE="lmtk train model/mixer=g"; COMP_POINT=${{#COMP_LINE}}; COMP_WORDS=(lmtk train model/mixer = g); COMP_CWORD=4
+_lmtk_completion; echo "${{COMPREPLY[*]}}"
+COMP_LINE="lmtk ru"; COMP_POINT=${{#COMP_LINE}}; COMP_WORDS=(lmtk ru); COMP_CWORD=1
+_lmtk_completion; echo "${{COMPREPLY[*]}}"
+"""
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", LMTK_RUNS=str(world),
+               PYTHONPATH=os.pathsep.join([str(helpers.REPO), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run(["bash", "--norc", "-c", test], capture_output=True, text=True, env=env, timeout=60)
+    assert p.stdout.splitlines() == ["gdn gla", "runs"], p.stderr
+    for shell in ("zsh", "fish"):
+        res = helpers.cli("completion", shell)
+        assert res.exit_code == 0 and "_LMTK_COMPLETE=complete_" + shell in res.output
