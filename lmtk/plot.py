@@ -159,11 +159,23 @@ def plot_runs(runs: list[RunDir], out: Path, axis: str = "step") -> tuple[list[P
         if _line(ax_loss, s, s.val, "val/teacher_loss", axis, scale, tc, tl, linestyle="--"):
             teacher = True
         drawn |= _line(ax_right, s, s.val, right, axis, scale, c, s.label)
-    _finish(ax_loss, "validation loss" + suffix, xlabel, "val loss (nats / token)", legend=many or teacher)
-    _finish(ax_right, ("validation bits per byte" if right == "val/bpb" else "validation score") + suffix, xlabel,
-            "val bits / byte" if right == "val/bpb" else "val score (the task's first metric)", legend=many)
+    lm = right == "val/bpb"  # a language model's validation; else a task's (loss per example, its first metric)
+    _finish(ax_loss, "validation loss" + suffix, xlabel, "val loss (nats / token)" if lm else "val loss (nats)", legend=many or teacher)
+    _finish(ax_right, ("validation bits per byte" if lm else "validation score") + suffix, xlabel,
+            "val bits / byte" if lm else f"val {_score_name(series)}", legend=many)
     save(fig, "val.png", drawn, "validation rows")
     return written, notes
+
+
+def _score_name(series: list[Series]) -> str:
+    """The metric a fine-tuning run's val/score repeats (its task's first: accuracy, matthews, ...)."""
+    for s in series:
+        for r in s.val:
+            if "val/score" in r:
+                named = [k[4:] for k, v in r.items() if k.startswith("val/") and k not in ("val/score", "val/loss") and v == r["val/score"]]
+                if named:
+                    return named[0]
+    return "score (the task's first metric)"
 
 
 def plot_dir(run: RunDir) -> Path:

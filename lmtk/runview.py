@@ -79,13 +79,14 @@ def _overrides(run: RunDir) -> list[str]:
 
 
 def _override_for(key: str, overrides: list[str]) -> str | None:
-    """The command-line override that set `key` (model.d_model=64, or a group: model/mixer=gla)."""
+    """The command-line override that set `key` (model.d_model=64, or a group: model/mixer=gla);
+    the most specific one when several match (task.train=x over task=local)."""
+    best, length = None, -1
     for o in overrides:
-        name = o.split("=", 1)[0].lstrip("+~")
-        dotted = name.replace("/", ".")
-        if key == dotted or key.startswith(dotted + "."):
-            return o
-    return None
+        dotted = o.split("=", 1)[0].lstrip("+~").replace("/", ".")
+        if (key == dotted or key.startswith(dotted + ".")) and len(dotted) >= length:
+            best, length = o, len(dotted)
+    return best
 
 
 def config_diff(run: RunDir, info: dict) -> tuple[list[dict], str | None]:
@@ -193,6 +194,8 @@ def render_show(d: dict, console) -> None:
 
     summary = _table("metrics summary (run.json)", "metric", "value")
     for k, v in d["summary"].items():
+        if k == "epochs" and isinstance(v, list):  # lmtk finetune: the task's score after each epoch
+            v = "; ".join(f"epoch {e.get('epoch')}: {fmt_number(e.get('score'))}" for e in v if isinstance(e, dict))
         summary.add_row(k, fmt_seconds(v) if k == "train_seconds" else fmt_number(v))
     if not d["summary"]:
         summary.add_row("-", "no summary: the run has not finished" if d["status"] != "done" else "-")

@@ -81,6 +81,10 @@ def test_runs_show_lineage_summary_eval_and_config_diff(world):
     assert diff["model.d_model"]["why"] == "the teacher's architecture"
     assert diff["budget.steps"]["why"] == "override budget.steps=4" and diff["budget.steps"]["run"] == "4"
     assert "model.mixer.name" not in diff  # the distill recipe's mixer is gla already
+    from lmtk.runview import _override_for
+
+    assert _override_for("task.train", ["task=local", "task.train=x.tsv"]) == "task.train=x.tsv"  # the most specific
+    assert _override_for("model.mixer.chunk", ["model/mixer=gla"]) == "model/mixer=gla"
     t = _json("runs", "show", "t", "--root", world, "--json")
     assert {(c["run"], c["role"]) for c in t["children"]} == {("s", "teacher"), ("f", "base")}
     assert t["eval"]["ppl"]["headline"] == "bpb" and t["eval"]["ppl"]["value"] == 3.25
