@@ -218,11 +218,20 @@ def script(shell: str, prog: str = "lmtk") -> str:
     return get_completion_script(prog_name=prog, complete_var=COMPLETE_VAR, shell=shell)
 
 
+def _shell_completion():
+    """click's shell_completion module: typer's vendored copy (typer >= 0.2x), else click's own."""
+    try:
+        from typer._click import shell_completion
+    except ImportError:
+        from click import shell_completion
+    return shell_completion
+
+
 def _bash_words() -> tuple[list[str], str, str]:
     """(args after the program, the incomplete word, the part of it bash will replace) from
     _LMTK_COMPLETE_LINE (lmtk's script), else from COMP_WORDS / COMP_CWORD (click's convention,
     where bash has already cut `key=value` into key, =, value: glued back together)."""
-    from typer._click.shell_completion import split_arg_string
+    split_arg_string = _shell_completion().split_arg_string
 
     line = os.environ.get(LINE_VAR)
     if line is not None:
@@ -261,9 +270,7 @@ def complete_main(cli_app) -> int:
 
         completion_init()
         return shell_complete(cmd, {}, "lmtk", COMPLETE_VAR, instruction)
-    from typer._click.shell_completion import ShellComplete
-
-    class _Bash(ShellComplete):
+    class _Bash(_shell_completion().ShellComplete):
         name = "bash"
         source_template = ""
 
