@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from typing import List, Optional
 
 import typer
@@ -20,6 +21,24 @@ app = typer.Typer(
 )
 
 ARGS_HELP = "[RECIPE] [key=value ...]: a recipe name (default: 'default') and Hydra overrides (key=value, group=option, +new.key=value)"
+
+
+def _complete_recipe_args(ctx: typer.Context, incomplete: str) -> list[str]:
+    from lmtk.completion import complete_recipe_args
+
+    return complete_recipe_args(ctx, incomplete)
+
+
+def _complete_eval_args(ctx: typer.Context, incomplete: str) -> list[str]:
+    from lmtk.completion import complete_eval_args
+
+    return complete_eval_args(ctx, incomplete)
+
+
+def _complete_runs(ctx: typer.Context, incomplete: str) -> list[str]:
+    from lmtk.completion import complete_runs
+
+    return complete_runs(ctx, incomplete)
 
 
 def _split(args: Optional[List[str]]) -> tuple[str, list[str]]:
@@ -44,7 +63,8 @@ def _launch_or_run(command: str, recipe: str, overrides: list[str], cfg, run) ->
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
-def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...")):
+def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...",
+                                                     autocompletion=_complete_recipe_args)):
     """Pretrain a language model (CLM, MLM) on a step, token, epoch or wall-clock budget."""
     from lmtk.config import compose
     from lmtk.train.pretrain import run
@@ -58,7 +78,7 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metav
 
 @app.command(context_settings={"ignore_unknown_options": True})
 def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] base=RUN [task=glue/sst2 | task=local ...] [peft=full|bitfit|lora] [key=value ...]",
-                                                         metavar="[RECIPE] [OVERRIDES]...")):
+                                                         metavar="[RECIPE] [OVERRIDES]...", autocompletion=_complete_recipe_args)):
     """Fine-tune a run (or a Hugging Face model) on a task or on text: full, BitFit or LoRA."""
     from lmtk.config import compose
     from lmtk.finetune.run import run
@@ -75,7 +95,7 @@ def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] bas
 @app.command(context_settings={"ignore_unknown_options": True})
 def distill(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] teacher=RUN [model/mixer=NAME] [model.layers=...] "
                                                         "[distill.init=...] [distill.stages=[mixer:0.1,kd:0.9]] [key=value ...]",
-                                                        metavar="[RECIPE] [OVERRIDES]...")):
+                                                        metavar="[RECIPE] [OVERRIDES]...", autocompletion=_complete_recipe_args)):
     """Distil a Transformer teacher into a student with subquadratic mixers: weight transfer, alignment stages, KD."""
     from lmtk.config import compose
     from lmtk.distill.run import run
@@ -110,7 +130,8 @@ def recipes():
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
-def config(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...")):
+def config(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...",
+                                                      autocompletion=_complete_recipe_args)):
     """Print the composed, resolved config of a recipe with overrides applied."""
     from lmtk.config import compose, to_yaml
 
@@ -124,7 +145,8 @@ EVAL_HELP = ("RUN... [key=value ...]: run names (in $LMTK_RUNS or ./runs), run d
 
 
 @app.command("eval", context_settings={"ignore_unknown_options": True})
-def eval_(args: Optional[List[str]] = typer.Argument(None, help=EVAL_HELP, metavar="RUN... [OVERRIDES]...")):
+def eval_(args: Optional[List[str]] = typer.Argument(None, help=EVAL_HELP, metavar="RUN... [OVERRIDES]...",
+                                                     autocompletion=_complete_eval_args)):
     """Evaluate runs or checkpoints: perplexity/bits-per-byte, minimal pairs, ...; results in <run>/eval/<suite>.json."""
     from lmtk.config import compose_eval
     from lmtk.eval.command import run
@@ -135,45 +157,180 @@ def eval_(args: Optional[List[str]] = typer.Argument(None, help=EVAL_HELP, metav
     run(targets, compose_eval(overrides))
 
 
-@app.command()
-def runs(
-    root: str = typer.Option(None, "--root", help="runs directory (default: $LMTK_RUNS or ./runs)"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-):
-    """Table of runs: name, kind, status, steps, tokens, val loss, eval headlines, created."""
-    from rich.table import Table
+ROOT_HELP = "runs directory (default: $LMTK_RUNS or ./runs)"
 
+runs_app = typer.Typer(
+    help="Runs in the runs directory: the table (no subcommand), show, compare, rm.",
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(runs_app, name="runs")
+
+
+def _root(ctx: typer.Context | None, root: str | None) -> str:
+    """--root of the subcommand, else of `lmtk runs`, else $LMTK_RUNS, else ./runs."""
+    parent = ctx.parent.params.get("root") if ctx is not None and ctx.parent is not None else None
+    return root or parent or os.environ.get("LMTK_RUNS", "runs")
+
+
+def _stdout_console():
     from lmtk.log import console
-    from lmtk.runs import list_runs
 
-    rows = list_runs(root or os.environ.get("LMTK_RUNS", "runs"))
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    t = Table(title=f"runs in {root or os.environ.get('LMTK_RUNS', 'runs')}")
-    for col in ("name", "kind", "status", "steps", "tokens", "val loss", "eval", "created"):
-        # names and numbers are never cut or wrapped; the eval headlines (one line per suite) wrap
-        t.add_column(col, justify="right" if col in ("steps", "tokens", "val loss") else "left",
-                     no_wrap=col != "eval", overflow="fold" if col == "eval" else "ellipsis")
-    for r in rows:
-        vl = r.get("val_loss")
-        t.add_row(
-            r["name"], r.get("kind", "?"), r.get("status", "?"),
-            f"{r['steps']:,}" if r.get("steps") is not None else "-",
-            f"{r['tokens']:,}" if r.get("tokens") is not None else "-",
-            f"{vl:.4f}" if vl is not None else "-",
-            "\n".join(f"{suite} {h['score']}={h['value']:.3f}" for suite, h in (r.get("eval") or {}).items()) or "-",
-            str(r.get("created", "?"))[:16],
-        )
     console.file = sys.stdout
     if not sys.stdout.isatty():  # piped or captured: rich's 80 columns would cut the names
         console.width = max(console.width, 140)
-    console.print(t)
+    return console
+
+
+@runs_app.callback()
+def runs(
+    ctx: typer.Context,
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Table of runs: name, kind, status, parent, steps, tokens, val loss, val bpb, eval headlines, created."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from lmtk.runs import list_runs
+
+    where = _root(None, root)
+    rows = list_runs(where)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title=f"runs in {where}")
+    right = ("steps", "tokens", "val loss", "val bpb")
+    for col in ("name", "kind", "status", "parent", "steps", "tokens", "val loss", "val bpb", "eval", "created"):
+        # names and numbers are never cut or wrapped; parents and the eval headlines (one line per suite) wrap
+        wrap = col in ("eval", "parent")
+        t.add_column(col, justify="right" if col in right else "left", no_wrap=not wrap, overflow="fold" if wrap else "ellipsis")
+    for r in rows:
+        vl, vb = r.get("val_loss"), r.get("val_bpb")
+        t.add_row(
+            r["name"], r.get("kind") or "?", r.get("status") or "?", r.get("parent") or "-",
+            f"{r['steps']:,}" if r.get("steps") is not None else "-",
+            f"{r['tokens']:,}" if r.get("tokens") is not None else "-",
+            f"{vl:.4f}" if vl is not None else "-",
+            f"{vb:.4f}" if vb is not None else "-",
+            "\n".join(f"{suite} {h['score']}={h['value']:.3f}" for suite, h in (r.get("eval") or {}).items()) or "-",
+            str(r.get("created", "?"))[:16],
+        )
+    _stdout_console().print(t)
+
+
+@runs_app.command("show")
+def runs_show(
+    ctx: typer.Context,
+    run: str = typer.Argument(..., help="run name (in the runs directory) or run directory", autocompletion=_complete_runs),
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+):
+    """One run: its config against its recipe, metrics summary, lineage (parents, children) and eval results."""
+    from lmtk.runview import render_show, show_data
+
+    d = show_data(_root(ctx, root), run)
+    if as_json:
+        typer.echo(json.dumps(d, indent=2, default=str))
+        return
+    render_show(d, _stdout_console())
+
+
+@runs_app.command("compare")
+def runs_compare(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="two or more run names or run directories", metavar="RUN RUN [RUN]...",
+                               autocompletion=_complete_runs),
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Runs side by side: kind, recipe, steps, tokens, params, train time, losses, eval headlines, config differences."""
+    from lmtk.runview import compare_data, render_compare
+
+    d = compare_data(_root(ctx, root), list(names))
+    if as_json:
+        typer.echo(json.dumps(d, indent=2, default=str))
+        return
+    render_compare(d, _stdout_console())
+
+
+@runs_app.command("rm")
+def runs_rm(
+    ctx: typer.Context,
+    names: List[str] = typer.Argument(..., help="run names or run directories", metavar="RUN...", autocompletion=_complete_runs),
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+):
+    """Delete runs (after confirmation); refuses a run that is running."""
+    from lmtk.runs import RunDir, children, dir_size, remove, writer_pid
+
+    where = _root(ctx, root)
+    targets = [RunDir.open(where, n) for n in dict.fromkeys(names)]
+    for run in targets:  # refuse before asking anything
+        pid = writer_pid(run.path)
+        if pid is not None:
+            raise UserError(f"run '{run.name}' is running (process {pid}); stop it first (Ctrl-C), then lmtk runs rm {run.name}")
+    for run in targets:
+        info = run.info()
+        kids = [n for n, _, _ in children(where, run.path) if n not in {t.name for t in targets}]
+        n = len(run.checkpoints()) + (run.ckpt_dir / "final").is_dir()
+        line = (f"delete run '{run.name}' ({info.get('kind') or '?'}, {info.get('status') or '?'}, "
+                f"{n} checkpoint{'s' * (n != 1)}, {dir_size(run.path) / 2**20:.1f} MiB) at {run.path}")
+        if kids:
+            line += f"; runs started from it keep only its path: {', '.join(kids)}"
+        if yes:
+            typer.echo(line, err=True)
+        else:
+            try:
+                ok = typer.confirm(line + "?", default=False, err=True)
+            except typer.Abort:  # end of input: no answer is no
+                typer.echo("", err=True)
+                ok = False
+            if not ok:
+                typer.echo(f"kept run '{run.name}' (and any after it)", err=True)
+                raise typer.Exit(1)
+        remove(run)
+        typer.echo(f"deleted run '{run.name}'")
+
+
+class XAxis(str, Enum):
+    step = "step"
+    tokens = "tokens"
+    time = "time"
+
+
+@app.command()
+def plot(
+    runs: List[str] = typer.Argument(..., help="run names (in the runs directory) or run directories", metavar="RUN...",
+                                     autocompletion=_complete_runs),
+    x: XAxis = typer.Option(XAxis.step, "--x", help="x-axis: step, tokens seen, or wall time since the first row"),
+    out: str = typer.Option(None, "--out", "-o", help="folder for the PNGs (default, one run: <run>/plots/; several runs: required)"),
+    root: str = typer.Option(None, "--root", help=ROOT_HELP),
+):
+    """PNGs of train loss, val loss / bits-per-byte, learning rate and tokens/s; several runs overlaid (needs matplotlib: the plot extra)."""
+    from pathlib import Path
+
+    from lmtk.plot import plot_dir, plot_runs, require_matplotlib
+    from lmtk.runs import RunDir
+
+    where = _root(None, root)
+    targets = [RunDir.open(where, n) for n in dict.fromkeys(runs)]
+    if len(targets) > 1 and out is None:
+        raise UserError(f"{len(targets)} runs are overlaid into one set of plots: name a folder for them with --out DIR")
+    require_matplotlib()
+    dest = Path(out) if out is not None else plot_dir(targets[0])
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the PNGs")
+    files, notes = plot_runs(targets, dest, x.value)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(f"wrote {len(files)} plots to {dest}/: {', '.join(f.name for f in files)}")
 
 
 @app.command()
 def generate(
-    run: str = typer.Argument(..., help="run name, run directory or checkpoint directory"),
+    run: str = typer.Argument(..., help="run name, run directory or checkpoint directory", autocompletion=_complete_runs),
     prompt: str = typer.Option("", "--prompt", "-p", help="text to continue"),
     max_new: int = typer.Option(100, "--max-new", "-n", help="tokens to generate"),
     temperature: float = typer.Option(0.8, help="0: greedy"),
@@ -233,12 +390,32 @@ def export(
                f"load it with transformers.{auto}.from_pretrained({info['path']!r})")
 
 
+class Shell(str, Enum):
+    bash = "bash"
+    zsh = "zsh"
+    fish = "fish"
+
+
+@app.command()
+def completion(shell: Shell = typer.Argument(..., help="bash, zsh or fish")):
+    """Print the shell completion script: eval "$(lmtk completion bash)" (in ~/.bashrc), likewise zsh; fish: | source."""
+    from lmtk.completion import script
+
+    typer.echo(script(shell.value), nl=False)
+
+
 def _click_error(err: Exception) -> bool:
     # typer vendors click (typer._click), so match its exceptions by shape, not by class.
     return hasattr(err, "format_message") and hasattr(err, "exit_code")
 
 
 def main() -> None:
+    from lmtk.completion import COMPLETE_VAR
+
+    if os.environ.get(COMPLETE_VAR):  # the shell asks for completions (lmtk completion SHELL's script)
+        from lmtk.completion import complete_main
+
+        sys.exit(complete_main(app))
     debug = os.environ.get("LMTK_DEBUG") == "1"
     try:
         rc = app(standalone_mode=False)

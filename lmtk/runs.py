@@ -4,6 +4,7 @@ runs/<name>/
   run.json  config.yaml  overrides.yaml  tokenizer.json  model.json  metrics.jsonl
   checkpoints/step-000500/   checkpoints/final/    (the format: lmtk/checkpoint.py)
   eval/<suite>.json                                (lmtk eval: lmtk/eval/results.py)
+  plots/*.png                                      (lmtk plot: lmtk/plot.py)
 
 The run directory owns the lock, run.json (status, history) and where checkpoints go;
 what is inside a checkpoint, and loading one, is lmtk.checkpoint's business.
@@ -84,6 +85,19 @@ class RunDir:
             return json.loads((self.path / "run.json").read_text())
         except (OSError, json.JSONDecodeError):
             return {}
+
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl's rows (a torn last line from a crash skipped)."""
+        rows = []
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+        return rows
 
     def update_info(self, **fields) -> None:
         info = self.info()
@@ -246,7 +260,10 @@ class RunDir:
                 rundir.add_history(step=ckpt_step, overrides=overrides, changed={k: list(v) for k, v in (changes or {}).items()})
             summary = body(rundir)
             rundir.finish("done", summary=summary)
-            return summary
+        from lmtk.plot import after_run
+
+        after_run(rundir)  # <run>/plots/ when matplotlib is importable; never fails the finished run
+        return summary
 
     # ---- checkpoints --------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -290,7 +307,8 @@ def _eval_headlines(path: Path) -> dict:
 
 
 def list_runs(root) -> list[dict]:
-    """One row per run in `root` for `lmtk runs`: run.json plus progress from metrics.jsonl."""
+    """One row per run in `root` for `lmtk runs`: run.json plus progress from metrics.jsonl
+    (a run without a summary yet: its last logged step, tokens and val loss / bpb)."""
     out = []
     base = runs_root(root)
     if not base.is_dir():
@@ -304,11 +322,13 @@ def list_runs(root) -> list[dict]:
         row = {
             "name": p.name,
             "kind": info.get("kind"),
-            "status": info.get("status"),
+            "status": live_status(p, info),
+            "parent": parent_label(info, root),
             "created": info.get("created"),
             "steps": summary.get("steps"),
             "tokens": summary.get("tokens"),
             "val_loss": summary.get("val/loss"),
+            "val_bpb": summary.get("val/bpb"),
         }
         if row["steps"] is None and run.metrics_path.is_file():
             for line in run.metrics_path.read_text().splitlines():
@@ -319,7 +339,103 @@ def list_runs(root) -> list[dict]:
                 row["steps"] = m.get("step", row["steps"])
                 row["tokens"] = m.get("tokens", row["tokens"])
                 row["val_loss"] = m.get("val/loss", row["val_loss"])
+                row["val_bpb"] = m.get("val/bpb", row["val_bpb"])
         row["eval"] = _eval_headlines(p / "eval")
         out.append(row)
     out.sort(key=lambda r: r.get("created") or "")
     return out
+
+
+# ---- inspection: lineage, liveness, removal (lmtk runs / runs show / compare / rm) ----------
+
+
+def writer_pid(path: Path) -> int | None:
+    """The pid of a live process holding the run's lock (a run being written), else None."""
+    try:
+        pid = int((Path(path) / ".lock").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and pid != os.getpid() and _alive(pid) else None
+
+
+def live_status(path: Path, info: dict) -> str:
+    """run.json's status, but `stale` for a run marked running whose process is gone (killed)."""
+    status = info.get("status") or "?"
+    if status == "running" and writer_pid(path) is None:
+        return "stale"
+    return status
+
+
+def _resolved(p) -> Path:
+    try:
+        return Path(p).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return Path(p)
+
+
+def ref_name(ref, root) -> str:
+    """A parent reference (a run directory, a checkpoint inside one, a Hugging Face directory) as
+    the user would write it: the run's name when it lives in `root` (`run@step-000500` for a step
+    checkpoint), else the path as recorded."""
+    p = _resolved(ref)
+    base = runs_root(root)
+    try:
+        rel = p.relative_to(base).parts
+    except ValueError:
+        return str(ref)
+    if not rel:
+        return str(ref)
+    name = rel[0]
+    if len(rel) >= 3 and rel[1] == "checkpoints":
+        return name if rel[2] == "final" else f"{name}@{rel[2]}"
+    return name
+
+
+def parent_label(info: dict, root) -> str | None:
+    """'teacher t1', 'base bert@step-000500', 'from a@step-000010' (a new run started from another
+    run's checkpoint); None for a run trained from scratch."""
+    parents = info.get("parents") or {}
+    labels = [f"{role} {ref_name(ref, root)}" for role, ref in parents.items() if role != "resumed_from" and ref]
+    if parents.get("resumed_from"):
+        labels.append(f"from {ref_name(parents['resumed_from'], root)}")
+    return ", ".join(labels) or None
+
+
+def names_run(ref, run_path: Path) -> bool:
+    """Whether a parent reference is the run directory `run_path` or a path inside it (a checkpoint)."""
+    p, r = _resolved(ref), _resolved(run_path)
+    return p == r or r in p.parents
+
+
+def children(root, run_path: Path) -> list[tuple[str, str, str]]:
+    """(name, role, kind) of each run in `root` whose parents name `run_path` or a checkpoint in it."""
+    out = []
+    base = runs_root(root)
+    if not base.is_dir():
+        return out
+    for p in sorted(base.iterdir()):
+        if _resolved(p) == _resolved(run_path):
+            continue
+        info = RunDir(p).info()
+        for role, ref in (info.get("parents") or {}).items():
+            if ref and names_run(ref, run_path):
+                out.append((p.name, role, info.get("kind") or "?"))
+                break
+    return out
+
+
+def remove(run: RunDir) -> None:
+    """Delete a run directory; refuses a run whose writer is alive (taking its lock first, so no
+    command can start writing it while it goes)."""
+    pid = writer_pid(run.path)
+    if pid is not None:
+        raise UserError(f"run '{run.name}' is running (process {pid}); stop it first (Ctrl-C), then lmtk runs rm {run.name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a stale lock of a killed run: taken over silently, it is going anyway
+        run.lock()
+    shutil.rmtree(run.path)
+    run._locked = False
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

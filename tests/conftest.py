@@ -24,6 +24,8 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
+# no plots at the end of every test run (~2 s each with matplotlib); tests/test_plot.py turns them on
+os.environ["LMTK_PLOTS"] = "0"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` from the test modules
 

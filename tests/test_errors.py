@@ -176,6 +176,14 @@ ROWS = [
      "model.mixer=gla is a recurrent mixer, which no transformers class has, so recurrent has no Hugging Face export; its checkpoint stands alone instead: lmtk generate "),
     ("export-no-transformers-class", ["export", "encoder", "--to", "hf", "{base}/out"],
      "model.norm_position=pre: BertForMaskedLM is post-norm, so encoder has no Hugging Face export"),
+    ("plot-run-missing", ["plot", "nope"], "no run named 'nope'"),
+    ("plot-several-without-out", ["plot", "done", "recurrent"], "2 runs are overlaid into one set of plots: name a folder for them with --out DIR"),
+    ("plot-out-is-a-file", ["plot", "done", "--out", "{base}/data/short.txt"], "is a file; give a folder for the PNGs"),
+    ("plot-bad-axis", ["plot", "done", "--x", "epoch"], "Invalid value for '--x'"),
+    ("runs-show-missing", ["runs", "show", "nope"], "no run named 'nope'"),
+    ("runs-compare-one-run", ["runs", "compare", "done"], "lmtk runs compare needs at least two runs"),
+    ("runs-rm-missing", ["runs", "rm", "nope", "--yes"], "no run named 'nope'"),
+    ("completion-unknown-shell", ["completion", "tcsh"], "'tcsh' is not one of 'bash', 'zsh', 'fish'"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),
 ]
@@ -272,6 +280,23 @@ def test_row_run_in_use(world, capsys):
     assert (base / "runs" / "done" / "checkpoints" / "final").is_dir()  # overwrite did not delete it
 
 
+def test_row_runs_rm_running(world):
+    base, env = world
+    lock = base / "runs" / "done" / ".lock"
+    before = _digest(base / "runs" / "done")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        p = subprocess.run([sys.executable, "-m", "lmtk", "runs", "rm", "done", "--yes"], env=env, capture_output=True, text=True)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        lock.unlink()
+    assert p.returncode == 2
+    _one_error_line(p.stderr, f"run 'done' is running (process {sleeper.pid}); stop it first")
+    assert _digest(base / "runs" / "done") == before
+
+
 def test_debug_env_shows_traceback(world):
     base, env = world
     p = subprocess.run([sys.executable, "-m", "lmtk", "train", "model.d_modle=3"], env=dict(env, LMTK_DEBUG="1"),
@@ -282,6 +307,7 @@ def test_debug_env_shows_traceback(world):
 def test_catalogue_documents_every_row():
     doc = (REPO / "docs" / "errors.md").read_text()
     names = [r[0] for r in ROWS] + ["unreadable-data-file", "disk-full-while-saving", "out-of-memory", "run-in-use",
-                                    "corrupted-checkpoint", "too-many-non-finite-steps"]
+                                    "corrupted-checkpoint", "too-many-non-finite-steps",
+                                    "runs-rm-running", "plot-without-matplotlib"]
     missing = [n for n in names if f"`{n}`" not in doc]
     assert not missing, f"docs/errors.md lacks rows: {missing}"
