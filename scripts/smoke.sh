@@ -22,7 +22,7 @@ lmtk distill teacher=teacher model/mixer=gla budget.hours=null budget.steps=150 
 lmtk eval student-gla suite=ppl
 for run in teacher student-gla; do lmtk generate "$run" -p "def main(" -n 24 --temperature 0; done
 if "$PY" -c "import matplotlib" 2>/dev/null; then
-    lmtk plot teacher teacher-lora student-gla --out "$DIR/plots/smoke.png"
+    lmtk plot teacher teacher-lora student-gla --out "$DIR/plots"
 else
     echo "(plots skipped: matplotlib is not installed; pip install 'lmtk[plot]')" >&2
 fi

@@ -276,6 +276,17 @@ def test_distilled_gla_beats_the_same_student_from_scratch(teacher_run, lmtk_env
     assert json.loads((lmtk_env.runs / "kd2/checkpoints/final/meta.json").read_text())["distill"]["kept"] == [0, 1]
 
 
+def test_the_teachers_data_with_the_commands_data_overrides_on_top(teacher_run, lmtk_env):
+    from omegaconf import OmegaConf
+
+    distill(f"teacher={teacher_run}", "data.seq_len=32", "budget.hours=null", "budget.steps=2", "val.tokens=1024", "run.name=d")
+    got = OmegaConf.load(lmtk_env.runs / "d/config.yaml").data
+    teacher = OmegaConf.load(teacher_run / "config.yaml").data
+    assert got.seq_len == 32 and teacher.seq_len == 64
+    assert got.max_chars == teacher.max_chars == 500000 and got.source == teacher.source
+    assert helpers.info(lmtk_env.runs / "d")["summary"]["tokens"] == 2 * 8 * 32
+
+
 def test_resume_mid_stage_equals_uninterrupted(teacher_run, lmtk_env):
     """LoRA on the student: the alignment stages train its fresh mixers, kd the adapters. A crash in
     the hidden stage resumes there and ends with the same weights and per-step losses."""

@@ -90,19 +90,21 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
 
 
 def _take_teacher_data(cfg, teacher, overrides: list[str]) -> None:
-    """The teacher's data (an lmtk run's data section and seq_len) unless the command sets data=."""
+    """The teacher run's data section, with the command's data.* overrides on top (data.seq_len=64
+    keeps the teacher's corpus); a data= group choice (data=text ...) means other data: the
+    command's alone. A Hugging Face teacher has no data of its own: the command's."""
     from lmtk import checkpoint
 
-    if any(o.split("=", 1)[0].lstrip("+~").split(".")[0].split("/")[0] == "data" for o in overrides) or teacher.ckpt is None:
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if "data" in keys or teacher.ckpt is None:
         return
     text = checkpoint.config_text(teacher.ckpt)
-    if not text:
+    saved = OmegaConf.create(text).get("data") if text else None
+    if saved is None:
         return
-    saved = OmegaConf.create(text).get("data")
-    if saved is not None:
-        for k, v in OmegaConf.to_container(saved, resolve=True).items():
-            if k in cfg.data:
-                OmegaConf.update(cfg, f"data.{k}", v, merge=False)
+    for k, v in OmegaConf.to_container(saved, resolve=True).items():
+        if k in cfg.data and f"data.{k}" not in keys:
+            OmegaConf.update(cfg, f"data.{k}", v, merge=False)
 
 
 def _student_tokenizer(cfg, teacher):
