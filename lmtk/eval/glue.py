@@ -97,8 +97,16 @@ def run(target, cfg: Config) -> dict:
         root = Path(os.environ.get("LMTK_RUNS", "runs"))
     scores, rows, samples, notes = {}, [], 0, []
     per_task = {}
-    for task in cfg.tasks:
+    import time
+
+    from lmtk.log import _fmt_eta, console
+
+    t0 = time.perf_counter()
+    for k, task in enumerate(cfg.tasks):
         name, ov = task_overrides(str(task), cfg)
+        if k:  # each task is a fine-tuning run with its own progress bar; between them, where the suite stands
+            left = (time.perf_counter() - t0) / k * (len(cfg.tasks) - k)
+            console.print(f"glue task {k + 1}/{len(cfg.tasks)}: {name} (suite ETA {_fmt_eta(left)})", markup=False)
         run_name = f"{target.name}-glue-{name}"
         overrides = [f"base={target.checkpoint}", f"peft={cfg.peft}", f"run.name={run_name}", f"run.root={root}",
                      "run.overwrite=true", f"seed={target.seed}", f"device={target.device.type}", *ov,
