@@ -125,6 +125,8 @@ def shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
     # all-gather hooks. The root keeps its parameters unsharded after forward, so logits()
     # (the tied head) runs on the gathered weight too.
     register_fsdp_forward_method(model, "hidden")
+    if hasattr(model, "align"):  # distillation's alignment stages run layers on given inputs
+        register_fsdp_forward_method(model, "align")
 
 
 def _param_names(model: torch.nn.Module, opt) -> list[list[str]]:

@@ -318,22 +318,24 @@ def test_resume_mid_stage_equals_uninterrupted(teacher_run, lmtk_env):
     assert any(k.endswith("lora_b") and wa[k].abs().sum() > 0 for k in wa)
 
 
-def test_stages_under_two_ranks_equal_one_process(teacher_run, lmtk_env):
-    """launcher.nproc=2 (DDP on gloo): the mixer stage leaves most parameters without gradients
-    (DDP is told to expect it), kd trains them all; losses and weights equal one process."""
+def test_stages_under_two_ranks_ddp_and_fsdp_equal_one_process(teacher_run, lmtk_env):
+    """launcher.nproc=2 on gloo, DDP and FSDP: the mixer stage leaves most parameters without
+    gradients (DDP is told to expect it), kd trains them all; losses and weights equal one process."""
     common = [f"teacher={teacher_run}", "budget.hours=null", "budget.steps=4", "logger.every=1", "train.batch_size=16",
               "train.micro_batch_size=4", "distill.stages=[mixer:0.5,kd:0.5]", "val.tokens=2048"]
     one = helpers.lmtk("distill", *common, "run.name=one", timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = helpers.lmtk("distill", *common, "run.name=two", "launcher.nproc=2", env={"OMP_NUM_THREADS": "1"}, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
     la = [(m["phase"], m["loss"]) for m in helpers.metrics(lmtk_env.runs / "one") if "loss" in m]
-    lb = [(m["phase"], m["loss"]) for m in helpers.metrics(lmtk_env.runs / "two") if "loss" in m]
-    assert [p for p, _ in la] == ["mixer", "mixer", "kd", "kd"] == [p for p, _ in lb]
-    assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la, lb)), (la, lb)
     wa = load_file(str(lmtk_env.runs / "one/checkpoints/final/model.safetensors"))
-    wb = load_file(str(lmtk_env.runs / "two/checkpoints/final/model.safetensors"))
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    for strategy in ("ddp", "fsdp"):  # fsdp: the student sharded, every rank holding the teacher
+        two = helpers.lmtk("distill", *common, f"run.name={strategy}", "launcher.nproc=2", f"launcher.strategy={strategy}",
+                           env={"OMP_NUM_THREADS": "1"}, timeout=300)
+        assert two.returncode == 0, two.stderr[-3000:]
+        lb = [(m["phase"], m["loss"]) for m in helpers.metrics(lmtk_env.runs / strategy) if "loss" in m]
+        assert [p for p, _ in la] == ["mixer", "mixer", "kd", "kd"] == [p for p, _ in lb]
+        assert all(abs(x - y) < 1e-5 for (_, x), (_, y) in zip(la, lb)), (strategy, la, lb)
+        wb = load_file(str(lmtk_env.runs / strategy / "checkpoints/final/model.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa), strategy
 
 
 def test_a_hugging_face_llama_teacher_into_an_attention_shaped_mamba2(lmtk_env, tmp_path):

@@ -162,7 +162,6 @@ ROWS = [
     ("distill-lora-nothing-to-align", ["distill", "teacher=done", "model/mixer=linear", "distill.shape=attention",
                                        "distill.init=qkv_copy", "peft=lora"], "distill stage mixer has nothing to train"),
     ("distill-nothing-to-align", ["distill", "teacher=done", "model/mixer=attention"], "the mixer and hidden stages have nothing to align"),
-    ("distill-fsdp", ["distill", "teacher=done", "launcher.strategy=fsdp"], "lmtk distill runs data-parallel with launcher.strategy=ddp"),
     ("distill-shape-impossible", ["distill", "teacher=done", "model/mixer=mlstm", "distill.shape=attention"],
      "distill.shape=attention: model.mixer=mlstm has no setting with attention's q, k, v, o shapes"),
     ("distill-alpha-range", ["distill", "teacher=done", "distill.alpha=2"], "distill.alpha=2.0 must be in [0, 1]"),

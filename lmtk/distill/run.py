@@ -34,8 +34,7 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
     for key, unset in (("base", None), ("task.source", "none")):
         if OmegaConf.select(cfg, key) != unset:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} is a fine-tuning setting: use lmtk finetune (lmtk distill starts from teacher=)")
-    refuse = "lmtk distill runs data-parallel with launcher.strategy=ddp (fsdp would have to shard the teacher too; not built)"
-    with distributed.session(cfg, refuse_fsdp=refuse) as (dev, dtype, dist):
+    with distributed.session(cfg) as (dev, dtype, dist):
         return _run(cfg, recipe, overrides, dev, dtype, dist)
 
 

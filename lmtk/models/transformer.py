@@ -96,14 +96,18 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout)
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None,
-                io: dict | None = None):
+                io: dict | None = None, mixer_only: bool = False):
         """(x, the mixer's new state): state, offset and decode carry decoding (models/mixers);
         attention_mask [B, T] (True at real tokens) reaches mixers that read both ways (attention):
         a left-to-right mixer's outputs at real tokens of a right-padded batch do not depend on
         the pads after them, and LanguageModel.hidden refuses other padding for such models.
         `io`, a dict, receives the block's input and output and its mixer's (what distillation's
-        alignment stages match): block_in, mixer_in, mixer_out, block_out."""
+        alignment stages match): block_in, mixer_in, mixer_out, block_out. mixer_only: x is the
+        mixer's input already and the mixer's output is returned (distillation's mixer stage; through
+        the block's forward, so a sharded block gathers its parameters)."""
         kw = {} if attention_mask is None or self.mixer.causal_only else {"attention_mask": attention_mask}
+        if mixer_only:
+            return self.mixer(x, causal=causal, state=state, offset=offset, decode=decode, **kw)
         m_in = self.norm1(x) if self.pre else x
         h, state = self.mixer(m_in, causal=causal, state=state, offset=offset, decode=decode, **kw)
         if self.pre:
@@ -294,7 +298,7 @@ class LanguageModel(nn.Module):
         if part not in ("mixer", "block"):
             raise ValueError(f"align part {part!r}: mixer | block")
         if part == "mixer":
-            return {i: self.blocks[i].mixer(x, causal=True)[0] for i, x in inputs.items()}
+            return {i: self.blocks[i](x, causal=True, mixer_only=True)[0] for i, x in inputs.items()}
         return {i: self.blocks[i](x, causal=True)[0] for i, x in inputs.items()}
 
     def forward(self, idx: torch.Tensor | None, causal: bool = True, head: bool = True, cache=None,
