@@ -48,9 +48,18 @@ def _split(args: Optional[List[str]]) -> tuple[str, list[str]]:
     return "default", args
 
 
-def _launch_or_run(command: str, recipe: str, overrides: list[str], cfg, run) -> None:
-    """run(cfg, recipe, overrides) here, or under launcher.nproc=N: N ranks started by lmtk.launch
-    (bad settings fail here with one line, not once per rank)."""
+def _launch_or_run(command: str, args, run) -> None:
+    """`lmtk COMMAND [RECIPE] [OVERRIDES]`: the recipe (train's default is `default`; finetune's and
+    distill's their own) checked against the command, composed, and run(cfg, recipe, overrides) here,
+    or under launcher.nproc=N: N ranks started by lmtk.launch (bad settings fail here with one line,
+    not once per rank)."""
+    from lmtk.config import check_recipe_command, compose
+
+    recipe, overrides = _split(args)
+    if recipe == "default" and command != "train":
+        recipe = command
+    check_recipe_command(recipe, command)
+    cfg = compose(recipe, overrides)
     if cfg.launcher.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from lmtk import device as devices
         from lmtk.launch import launch
@@ -66,30 +75,18 @@ def _launch_or_run(command: str, recipe: str, overrides: list[str], cfg, run) ->
 def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP, metavar="[RECIPE] [OVERRIDES]...",
                                                      autocompletion=_complete_recipe_args)):
     """Pretrain a language model (CLM, MLM) on a step, token, epoch or wall-clock budget."""
-    from lmtk.config import compose
     from lmtk.train.pretrain import run
 
-    from lmtk.config import check_recipe_command
-
-    recipe, overrides = _split(args)
-    check_recipe_command(recipe, "train")
-    _launch_or_run("train", recipe, overrides, compose(recipe, overrides), run)
+    _launch_or_run("train", args, run)
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
 def finetune(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] base=RUN [task=glue/sst2 | task=local ...] [peft=full|bitfit|lora] [key=value ...]",
                                                          metavar="[RECIPE] [OVERRIDES]...", autocompletion=_complete_recipe_args)):
     """Fine-tune a run (or a Hugging Face model) on a task or on text: full, BitFit or LoRA."""
-    from lmtk.config import compose
     from lmtk.finetune.run import run
 
-    from lmtk.config import check_recipe_command
-
-    recipe, overrides = _split(args)
-    if recipe == "default":
-        recipe = "finetune"
-    check_recipe_command(recipe, "finetune")
-    _launch_or_run("finetune", recipe, overrides, compose(recipe, overrides), run)
+    _launch_or_run("finetune", args, run)
 
 
 @app.command(context_settings={"ignore_unknown_options": True})
@@ -97,16 +94,9 @@ def distill(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] teac
                                                         "[distill.init=...] [distill.stages=[mixer:0.1,kd:0.9]] [key=value ...]",
                                                         metavar="[RECIPE] [OVERRIDES]...", autocompletion=_complete_recipe_args)):
     """Distil a Transformer teacher into a student with subquadratic mixers: weight transfer, alignment stages, KD."""
-    from lmtk.config import compose
     from lmtk.distill.run import run
 
-    from lmtk.config import check_recipe_command
-
-    recipe, overrides = _split(args)
-    if recipe == "default":
-        recipe = "distill"
-    check_recipe_command(recipe, "distill")
-    _launch_or_run("distill", recipe, overrides, compose(recipe, overrides), run)
+    _launch_or_run("distill", args, run)
 
 
 @app.command()

@@ -222,6 +222,12 @@ class TokenCache:
         else:
             os.replace(tmp, self.dir)
 
+    def unigram(self, val_tokens: int) -> tuple[float, float]:
+        """(loss, bits per byte) of the train split's unigram model on the first val_tokens of val:
+        the baseline every run's summary prints beside its own."""
+        n = min(len(self.val), val_tokens)
+        return unigram_bpb(self.train_counts(), self.val[:n], self.val_bytes[:n])
+
     def train_counts(self) -> np.ndarray:
         """Occurrences of each id in the train stream (int64 [vocab]), for the unigram baseline.
         Counted while the cache was built (counts.npy); a cache from before that is counted now,

@@ -240,7 +240,7 @@ def _lr_factor(cfg, stages):
 
 
 def _train(cfg, rundir, teacher, student, objective, tok, data, dev, dtype, ckpt, dist, data_meta, meta, info) -> dict:
-    from lmtk.data.packing import Batches, unigram_bpb
+    from lmtk.data.packing import Batches
     from lmtk.eval.lm import val_seed, validate
     from lmtk.objectives import CLM
 
@@ -283,8 +283,7 @@ def _train(cfg, rundir, teacher, student, objective, tok, data, dev, dtype, ckpt
         sinks.close()
     if rundir is None:
         return summary
-    n_val = min(len(data.val), cfg.val.tokens)
-    uni_loss, uni_bpb = unigram_bpb(data.train_counts(), data.val[:n_val], data.val_bytes[:n_val])
+    uni_loss, uni_bpb = data.unigram(cfg.val.tokens)
     summary.update(teacher_val, params=total, trainable_params=trainable, unigram_loss=uni_loss, unigram_bpb=uni_bpb,
                    init=meta["init"], stages=meta["stages"])
     if "val/loss" in summary and "teacher/loss" in teacher_val:

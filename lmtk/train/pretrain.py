@@ -8,7 +8,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from lmtk.data.packing import Batches, TokenCache, unigram_bpb
+from lmtk.data.packing import Batches, TokenCache
 from lmtk.data.sources import Source
 from lmtk.data.tokenizer import copy_tokenizer, get_tokenizer
 from lmtk.eval.lm import readings
@@ -205,8 +205,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
         sinks.close()
     if rundir is None:
         return summary
-    n_val = min(len(cache.val), cfg.val.tokens)
-    uni_loss, uni_bpb = unigram_bpb(cache.train_counts(), cache.val[:n_val], cache.val_bytes[:n_val])
+    uni_loss, uni_bpb = cache.unigram(cfg.val.tokens)
     summary.update(params=n_params, unigram_loss=uni_loss, unigram_bpb=uni_bpb)
     print_summary(rundir.name, summary)
     return summary
