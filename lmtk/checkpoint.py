@@ -29,6 +29,18 @@ from lmtk.errors import UserError
 FILES = ("model.safetensors", "state.pt", "tokenizer.json", "config.yaml")
 
 
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Put the complete directory tmp at dest by renames: an existing dest is moved aside first and
+    removed after, so dest is always either the old directory or the new one."""
+    if dest.exists():
+        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -74,13 +86,7 @@ def write(dest: Path, model, state: dict, meta: dict, *, tokenizer: str, config:
                     saved=_dt.datetime.now().isoformat(timespec="seconds"))
         write_atomic(tmp / "meta.json", json.dumps(meta, indent=2, default=str))
         fsync_dir(tmp)
-        if dest.exists():  # replacing (e.g. final/ after a resume): move the old one aside first
-            old = dest.parent / f".old-{dest.name}-{os.getpid()}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_dir(tmp, dest)  # replacing (e.g. final/ after a resume) moves the old one aside first
         fsync_dir(dest.parent)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)

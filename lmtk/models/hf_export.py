@@ -399,6 +399,8 @@ def _write(out: Path, files: dict, tensors: dict, tokenizer_json: str, force: bo
     first and removed), so `out` is either the whole export or what it was."""
     from safetensors.torch import save_file
 
+    from lmtk.checkpoint import replace_dir
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -409,13 +411,7 @@ def _write(out: Path, files: dict, tensors: dict, tokenizer_json: str, force: bo
         (tmp / "tokenizer.json").write_text(tokenizer_json)
         for name, data in files.items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write the export to {out}: {err.strerror}") from None
