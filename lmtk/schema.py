@@ -27,8 +27,8 @@ class ModelCfg:
     window: Optional[int] = None  # sliding-window attention: keys each query sees, itself included (null: all)
     d_ff: Optional[int] = None  # default: 4*d (gelu) or 8/3*d rounded to 64 (gated)
     vocab_size: Optional[int] = None  # filled from the tokenizer
-    max_seq_len: int = 1024  # only learned positions need it
-    positions: str = "learned"  # learned | sinusoidal | rope | none
+    max_seq_len: int = 1024  # only learned positions need it (a table of this many rows)
+    positions: str = "learned"  # learned | sinusoidal | rope | alibi | none
     rope_base: float = 10000.0
     rope_layout: str = "half"  # half (rotate_half) | interleaved (runs before issue 16); a checkpoint keeps its own
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -251,7 +251,7 @@ class Config:
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
-    "model.positions": ("learned", "sinusoidal", "rope", "none"),
+    "model.positions": ("learned", "sinusoidal", "rope", "alibi", "none"),
     "model.rope_layout": ("half", "interleaved"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),

@@ -212,3 +212,28 @@ def convert_rope_layout(state_dict: dict, cfg, to: str = "half") -> dict:
         if k.endswith("mixer.qkv.weight") or k.endswith("mixer.qkv.bias"):
             out[k] = v[index]
     return out
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al., "Train Short, Test Long"): for n heads, n a power of
+    two, the geometric sequence m_h = 2^(-8h/n), h = 1..n (n = 8: 1/2, 1/4, ..., 1/256). Otherwise
+    the n0 = 2^floor(log2 n) slopes of n0 heads, then the remaining n - n0 heads take every other
+    slope of 2 n0 heads (the odd powers, which fall between the first ones), as the paper's code."""
+
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+
+    n0 = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = geometric(n0) + geometric(2 * n0)[0::2][: n_heads - n0]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """[H, T, S]: -m_h |i - j| for T queries at the bottom right of S keys (query t is key position
+    S - T + t: decoding after a cache). Added to the attention scores, it penalises each key by
+    its distance, which needs no position past the training length. The causal mask hides j > i,
+    where the symmetric form equals the paper's -m (i - j); bidirectional (masked) reading keeps
+    the symmetric form on both sides (the paper defines the causal case only)."""
+    i = torch.arange(S - T, S, device=slopes.device)[:, None]
+    j = torch.arange(S, device=slopes.device)[None, :]
+    return -slopes[:, None, None] * (i - j).abs()

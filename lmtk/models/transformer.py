@@ -33,7 +33,7 @@ class ModelConfig:
     window: Optional[int] = None  # sliding-window attention: keys each query sees (None: all)
     d_ff: Optional[int] = None
     max_seq_len: int = 1024
-    positions: str = "learned"
+    positions: str = "learned"  # learned | sinusoidal (added to the embeddings) | rope | alibi (in attention) | none
     rope_base: float = 10000.0
     # "half" (rotate_half, the fast one; what conf/model sets) | "interleaved": the layout of runs
     # written before issue 16, whose model.json has no rope_layout, hence this default
@@ -225,7 +225,7 @@ class LanguageModel(nn.Module):
                 raise ValueError("this model has left-to-right (recurrent) layers: pad batches on the right")
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing padded: the unmasked (fast) path
-        if start + T > self.cfg.max_seq_len and self.cfg.positions in ("learned", "sinusoidal"):
+        if start + T > self.cfg.max_seq_len and self.cfg.positions == "learned":
             raise ValueError(f"positions {start}..{start + T - 1} exceed max_seq_len={self.cfg.max_seq_len} (a table of that many rows)")
         x = self.embed(idx)
         if self.cfg.type_vocab_size:
@@ -235,7 +235,10 @@ class LanguageModel(nn.Module):
         if self.cfg.positions == "learned":
             x = x + self.pos.weight[start:start + T]
         elif self.cfg.positions == "sinusoidal":
-            x = x + (self.pos_scale * self.pos_table[start:start + T]).to(x.dtype)
+            # the sinusoid is defined at every position: past the table's rows (a model run past
+            # its training length) it is computed for this call
+            table = self.pos_table if start + T <= len(self.pos_table) else sinusoidal_table(start + T, self.cfg.d_model).to(x.device)
+            x = x + (self.pos_scale * table[start:start + T]).to(x.dtype)
         x = self.drop(self.embed_norm(x))
         for i, block in enumerate(self.blocks):
             if trace is not None:

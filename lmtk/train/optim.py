@@ -11,7 +11,8 @@ import torch
 
 # The defaults of optim.no_decay: what pretraining has always left undecayed (every 1-D tensor
 # and the embeddings of every mixer's model, tests/test_optim.py checks they agree).
-NO_DECAY = ("*bias", "*norm*", "embed.*", "pos.*", "pos_scale", "*.A_log", "*.D", "*.skip", "*.lower_bound", "*.magnitude")
+NO_DECAY = ("*bias", "*norm*", "embed.*", "pos.*", "pos_scale", "*.A_log", "*.D", "*.skip", "*.lower_bound", "*.magnitude",
+            "*.kv_shift")
 HEAD = ("classifier.*",)
 
 

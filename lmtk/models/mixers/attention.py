@@ -10,7 +10,23 @@ the absolute position of the first new token as `offset`. Queries then sit at th
 of the score matrix (query i is position offset + i); SDPA's `is_causal` aligns them top-left,
 so with a cache (or a window) the mask is built explicitly. A padded batch passes
 attention_mask [B, S] (True at real tokens): padded keys are masked out for every query (a
-query always sees itself, so a padded query's row is never empty, which would give NaN)."""
+query always sees itself, so a padded query's row is never empty, which would give NaN).
+
+Positions: rotary (model.positions=rope) rotates q and k; ALiBi (model.positions=alibi, Press et
+al. 2022) adds -m_h |i - j| to head h's scores (layers.alibi_bias), passed to SDPA as a float
+attn_mask with the boolean masks above folded in as -inf. Learned and sinusoidal positions are
+added to the embeddings (LanguageModel), none: no positions at all (NoPE).
+
+KV shifting (model.mixer.kv_shift=true; Xu et al. 2024, "KV Shifting Attention Enhances Language
+Modeling"): before rotary, each key and value is a learned mix of its own token's and the previous
+token's, per kv head,
+
+    k_i <- a1 k_i + a2 k_{i-1},   v_i <- b1 v_i + b2 v_{i-1}     (k_{-1} = v_{-1} = 0)
+
+so a key can announce "the token before me was A" and its value carry what followed: one layer
+does what an induction head needs two for. a1, b1 ~ U(0, 1), a2 = 1 - a1, b2 = 1 - b1 at
+initialisation (the paper's); a1 = b1 = 1, a2 = b2 = 0 is plain attention. Decoding carries the
+last token's unshifted k and v as a third element of the state."""
 
 from __future__ import annotations
 
@@ -20,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmtk.models.layers import Rotary
+from lmtk.models.layers import Rotary, alibi_bias, alibi_slopes
 
 
 class Attention(nn.Module):
@@ -28,8 +44,11 @@ class Attention(nn.Module):
 
     @dataclass
     class Config:
-        """No knobs of its own: n_heads, n_kv_heads and window are model-level (hybrids' attention
-        layers use them too)."""
+        """n_heads, n_kv_heads and window are model-level (hybrids' attention layers use them too).
+        kv_shift is attention's own knob: a hybrid's attention layers (model.mixer is the
+        recurrent mixer there) have none."""
+
+        kv_shift: bool = False  # keys and values mixed with the previous token's (KV shifting attention)
 
     def __init__(self, cfg, layer: int):
         super().__init__()
@@ -45,6 +64,21 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.rotary = Rotary(self.head_dim, cfg.rope_base, cfg.max_seq_len, cfg.rope_layout) if cfg.positions == "rope" else None
         self.half = self.rotary is not None and cfg.rope_layout == "half"
+        if cfg.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(self.n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
+        shift = cfg.mixer.get("kv_shift", False) if cfg.mixer.get("name") == "attention" else False
+        # [k | v, current | previous token, kv head]: (a1, a2) and (b1, b2) of each kv head; set in init_weights
+        self.kv_shift = nn.Parameter(torch.empty(2, 2, self.n_kv)) if shift else None
+
+    def init_weights(self) -> None:
+        """KV shifting's mix: a1, b1 ~ U(0, 1), a2 = 1 - a1, b2 = 1 - b1 (the paper's init: k and v
+        keep their scale while each head starts somewhere between its own and the previous token)."""
+        if self.kv_shift is not None:
+            with torch.no_grad():
+                self.kv_shift[:, 0].uniform_(0.0, 1.0)
+                self.kv_shift[:, 1] = 1.0 - self.kv_shift[:, 0]
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None):
         """(y [B, T, D], new state). Decoding (decode=True) returns the KV cache extended by this
@@ -52,6 +86,8 @@ class Attention(nn.Module):
         B, T, D = x.shape
         Dh, H, Hkv = self.head_dim, self.n_heads, self.n_kv
         qkv = self.qkv(x)
+        if self.kv_shift is not None:
+            qkv, last = self._shift_kv(qkv, state, attention_mask)
         if Hkv == H:
             qkv = qkv.view(B, T, 3, H, Dh)
             if self.half:  # q and k rotated in one pass, before the heads move in front of time
@@ -78,6 +114,8 @@ class Attention(nn.Module):
             if is_causal:  # the causal kernel's implicit mask, made explicit to combine with the keys'
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask, is_causal = self._key_mask(mask, attention_mask, T), False
+        if self.alibi_slopes is not None:
+            mask, is_causal = self._alibi(mask, is_causal, T, k.shape[2], q.dtype), False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv != self.n_heads,
@@ -86,6 +124,8 @@ class Attention(nn.Module):
         if decode:
             keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
             new_state = (k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:])
+            if self.kv_shift is not None:
+                new_state += (last,)  # the next call's k_{i-1}, v_{i-1}, unshifted
         return self.resid_drop(self.out(y.transpose(1, 2).reshape(B, T, D))), new_state
 
     def _mask(self, T: int, S: int, causal: bool, device):
@@ -100,6 +140,33 @@ class Attention(nn.Module):
         if self.window is not None:
             allowed &= j > i - self.window
         return allowed, False
+
+    def _shift_kv(self, qkv, state, attention_mask):
+        """(qkv with k, v shifted, this call's last unshifted k/v row [B, 1, 2, Hkv, Dh]). The
+        previous token of the call's first is the state's last row when decoding, else zero;
+        a padded position is no token's predecessor (left-padded batches)."""
+        B, T, _ = qkv.shape
+        H, Hkv, Dh = self.n_heads, self.n_kv, self.head_dim
+        q, kv = qkv.split([H * Dh, 2 * Hkv * Dh], dim=-1)
+        kv = kv.view(B, T, 2, Hkv, Dh)
+        first = state[2] if state is not None else kv.new_zeros(B, 1, 2, Hkv, Dh)
+        prev = torch.cat([first, kv[:, :-1]], dim=1)
+        if attention_mask is not None:
+            real = torch.cat([attention_mask.new_ones(B, 1), attention_mask[:, :-1]], dim=1)
+            prev = prev * real.to(kv.dtype)[:, :, None, None, None]
+        w = self.kv_shift.to(kv.dtype)[..., None]  # [2, 2, Hkv, 1]
+        shifted = w[:, 0] * kv + w[:, 1] * prev
+        return torch.cat([q, shifted.flatten(2)], dim=-1), kv[:, -1:]
+
+    def _alibi(self, mask, is_causal: bool, T: int, S: int, dtype) -> torch.Tensor:
+        """The float attn_mask [H, T, S] (or [B, H, T, S] with a padding mask): ALiBi's distance
+        bias, -inf where `mask` (or the implicit causal one) forbids a key."""
+        bias = alibi_bias(self.alibi_slopes, T, S)
+        if is_causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=bias.device).tril(S - T)
+        if mask is not None:
+            bias = bias.masked_fill(~mask, float("-inf"))
+        return bias.to(dtype)
 
     @staticmethod
     def _key_mask(mask, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
