@@ -33,6 +33,9 @@ CASES = {
     "none": {"positions": "none"}, "gqa": {"n_kv_heads": 2}, "mqa": {"n_kv_heads": 1},
     "window": {"window": 5}, "window-gqa": {"window": 3, "n_kv_heads": 2},
     "post-norm": {"norm_position": "post", "norm": "layernorm", "bias": True},
+    "alibi": {"positions": "alibi"}, "alibi-gqa-window": {"positions": "alibi", "n_kv_heads": 2, "window": 5},
+    "kv-shift": {"rope_layout": "half", "mixer": {"name": "attention", "kv_shift": True}},
+    "kv-shift-gqa-window": {"n_kv_heads": 2, "window": 4, "mixer": {"name": "attention", "kv_shift": True}},
 }
 
 
@@ -49,7 +52,7 @@ def test_token_by_token_equals_full_forward(case):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4), (torch.cat(steps, 1) - full).abs().max()
 
 
-@pytest.mark.parametrize("case", ["rope", "window", "gqa"])
+@pytest.mark.parametrize("case", ["rope", "window", "gqa", "alibi", "kv-shift"])
 def test_chunked_prefill_is_bottom_right_causal(case):
     """Queries fewer than keys (a second chunk after a cached first) see every earlier key:
     SDPA's is_causal would align them top-left and hide most of the cache."""
@@ -134,7 +137,7 @@ class _LeftToRight(torch.nn.Module):
 
     @dataclasses.dataclass
     class Config:
-        pass
+        kv_shift: bool = False  # it stands in for attention, whose conf/model/mixer/attention.yaml sets this
 
     def __init__(self, cfg, layer):
         super().__init__()

@@ -39,6 +39,7 @@ SUITES = {
     "passkey": "lmtk.eval.passkey",
     "speed": "lmtk.eval.speed",
     "harness": "lmtk.eval.harness",
+    "length": "lmtk.eval.length",
 }
 DEFAULT_SUITE = "ppl"
 

@@ -19,6 +19,7 @@ initialisation (decay spectra, gate biases) is what stays."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from lmtk.errors import UserError, suggest
@@ -88,7 +89,13 @@ def layer_mixers(layers, n_layers: int, mixer: str) -> list[str]:
 
 
 def build_mixer(cfg, layer: int):
-    return MIXERS[cfg.layer_mixers()[layer]](cfg, layer)
+    """Layer `layer`'s mixer. model.mixer's knobs are its named mixer's: a layer of another mixer
+    (a hybrid's attention layers, a list of names) is built with its own defaults."""
+    name = cfg.layer_mixers()[layer]
+    if name != cfg.mixer["name"]:
+        cfg = copy.copy(cfg)
+        cfg.mixer = mixer_config({"name": name})
+    return MIXERS[name](cfg, layer)
 
 
 def causal_only(cfg) -> bool:

@@ -45,8 +45,9 @@ class Attention(nn.Module):
     @dataclass
     class Config:
         """n_heads, n_kv_heads and window are model-level (hybrids' attention layers use them too).
-        kv_shift is attention's own knob: a hybrid's attention layers (model.mixer is the
-        recurrent mixer there) have none."""
+        kv_shift is attention's own knob (model.mixer.kv_shift with model/mixer=attention); a
+        hybrid's attention layers, whose model.mixer is the recurrent one, are built with the
+        default (mixers.build_mixer)."""
 
         kv_shift: bool = False  # keys and values mixed with the previous token's (KV shifting attention)
 
@@ -68,9 +69,8 @@ class Attention(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(self.n_heads), persistent=False)
         else:
             self.alibi_slopes = None
-        shift = cfg.mixer.get("kv_shift", False) if cfg.mixer.get("name") == "attention" else False
         # [k | v, current | previous token, kv head]: (a1, a2) and (b1, b2) of each kv head; set in init_weights
-        self.kv_shift = nn.Parameter(torch.empty(2, 2, self.n_kv)) if shift else None
+        self.kv_shift = nn.Parameter(torch.empty(2, 2, self.n_kv)) if cfg.mixer.get("kv_shift", False) else None
 
     def init_weights(self) -> None:
         """KV shifting's mix: a1, b1 ~ U(0, 1), a2 = 1 - a1, b2 = 1 - b1 (the paper's init: k and v
