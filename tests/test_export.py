@@ -170,6 +170,9 @@ BERT_SHAPE = dict(norm_position="post", embedding_norm=True, head_transform=True
     (False, dict(positions="rope", norm="layernorm", mlp="swiglu"), "model.norm=layernorm with rotary positions: Llama uses RMSNorm"),
     (False, dict(positions="rope", norm="rmsnorm", mlp="gelu"), "model.mlp=gelu with rotary positions: Llama's MLP is a gated one"),
     (False, dict(positions="none"), "model.positions=none: GPT-2 has learned positions, Llama rotary ones"),
+    (False, dict(positions="alibi"), "model.positions=alibi: GPT-2 has learned positions, Llama rotary ones"),
+    (False, dict(positions="rope", norm="rmsnorm", mlp="swiglu", mixer={"name": "attention", "kv_shift": True}),
+     "model.mixer.kv_shift=true (KV shifting attention): no transformers class"),
     (False, dict(positions="rope", norm="rmsnorm", mlp="swiglu", window=4, bias=True), "model.window=4 with model.bias=true: MistralForCausalLM"),
     (False, dict(embedding_norm=True), "model.embedding_norm=true: neither GPT-2 nor Llama"),
 ])

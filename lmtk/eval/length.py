@@ -1,7 +1,8 @@
 """suite=length: causal loss by position at 1x, 2x, 4x, 8x the training context (length generalisation).
 
 Windows of m x ctx tokens (ctx: the run's data.seq_len) are cut from the run's own val split,
-the same text for every multiple (window k starts at token k x the longest window), and scored
+spread evenly over it and the same text for every multiple (each starts on a slot of the
+longest window's length), and scored
 left to right in one forward each. Each multiple's row reports the loss at the positions it adds:
 for 1, 2, 4, 8 the power-of-two buckets [ctx/2, ctx), [ctx, 2 ctx), [2 ctx, 4 ctx), [4 ctx, 8 ctx)
 (in general [previous multiple, m) x ctx, and [m/2, m) x ctx for the first), beside the loss over
@@ -104,6 +105,10 @@ def run(target, cfg: Config) -> dict:
     ctx = int(rc.data.seq_len)
     val = TokenCache(Source(rc.data), target.tokenizer, ctx).val
     longest = max(cfg.multiples) * ctx
+    # windows spread evenly over the val split (its texts differ), on slots of the longest window,
+    # so every multiple reads the same text; a split too short for one longest window: slot 0 only
+    slots = max(1, (len(val) - 1) // longest)
+    starts_all = sorted({(k * slots // cfg.windows) * longest for k in range(min(cfg.windows, slots))})
     model = target.model
     model.eval()
     rows, scored, skipped, n_tokens = [], {}, [], 0
@@ -112,7 +117,7 @@ def run(target, cfg: Config) -> dict:
         L = m * ctx
         row = {"multiple": f"{m}x", "length": L, "positions": f"{lo}-{hi - 1}"}
         reason = why_not(target.model_cfg, L)
-        starts = [k * longest for k in range(cfg.windows) if k * longest + L + 1 <= len(val)]
+        starts = [s for s in starts_all if s + L + 1 <= len(val)]
         if reason is None and not starts:
             reason = ("skipped", f"the val split ({len(val):,} tokens) holds no window of {L + 1} tokens")
         if reason is not None:
@@ -133,8 +138,8 @@ def run(target, cfg: Config) -> dict:
         raise UserError(f"suite=length scored nothing for {target.name}: " + "; ".join(f"{m}x: {r}" for m, r in skipped))
     top = max(scored)
     scores = {f"loss_{top}x": scored[top], **{f"loss_{m}x": v for m, v in scored.items() if m != top}}
-    notes = [f"windows of m x {ctx} tokens (the training context) from the run's val split, up to {cfg.windows} per multiple, "
-             f"the same text for every multiple; loss at the positions each multiple adds, and over the whole window"]
+    notes = [f"windows of m x {ctx} tokens (the training context) spread over the run's val split, up to {cfg.windows} per "
+             f"multiple, the same text for every multiple; loss at the positions each multiple adds, and over the whole window"]
     if skipped:
         notes.append("not scored: " + "; ".join(f"{m}x: {r}" for m, r in skipped))
     return {"scores": scores, "samples": n_tokens, "rows": rows, "notes": notes}

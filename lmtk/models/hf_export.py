@@ -63,6 +63,9 @@ def hf_family(cfg, masked: bool) -> str:
     if others:
         pattern = cfg.layers if isinstance(cfg.layers, str) else ",".join(cfg.layers)
         raise Blocked(f"model.layers={pattern!r} mixes attention with {', '.join(others)} layers (a hybrid), which no transformers class has")
+    if cfg.mixer.get("kv_shift"):
+        raise Blocked("model.mixer.kv_shift=true (KV shifting attention): no transformers class mixes keys and values "
+                      "with the previous token's")
     if masked:
         return _masked_family(cfg)
     return _causal_family(cfg)
