@@ -195,7 +195,7 @@ def test_old_model_json_with_a_mixer_name_loads_and_layer_patterns_build():
     from lmtk.models import ModelConfig
 
     old = ModelConfig.from_dict({"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "mixer": "attention"})
-    assert old.mixer == {"name": "attention"} and old.layer_mixers() == ["attention", "attention"]
+    assert old.mixer == {"name": "attention", "kv_shift": False} and old.layer_mixers() == ["attention", "attention"]
     torch.manual_seed(0)
     a = LanguageModel(old)
     torch.manual_seed(0)

@@ -215,3 +215,15 @@ def test_length_config_errors():
         compose_eval(["suite=length", "length.multiples=[0,2]"])
     with pytest.raises(UserError, match=r"length.windows=0 must be at least 1"):
         compose_eval(["suite=length", "length.windows=0"])
+
+
+def test_distill_keeps_an_attention_layer_only_with_the_same_knobs():
+    """A kv_shift teacher's attention layers are not a hybrid student's (built without the shift):
+    not copied whole as 'kept' (mixers.layer_knobs decides, per layer)."""
+    from lmtk.distill.transfer import kept_layers
+
+    teacher = shifted()
+    plain = model(positions="rope")
+    hybrid = model(positions="rope", layers="RA", mixer={"name": "gla"})
+    assert kept_layers(hybrid, teacher) == [] and kept_layers(hybrid, plain) == [1]
+    assert kept_layers(shifted(), teacher) == [0, 1]

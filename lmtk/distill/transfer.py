@@ -28,9 +28,11 @@ INITS = ("auto", "scratch", "copy", "qkv_copy")
 
 def kept_layers(student, teacher) -> list[int]:
     """Layers whose student mixer is the teacher layer's own (name and knobs): copied whole."""
+    from lmtk.models.mixers import layer_knobs
+
     s_names, t_names = student.cfg.layer_mixers(), teacher.cfg.layer_mixers()
-    same_knobs = student.cfg.mixer == teacher.cfg.mixer
-    return [i for i, (a, b) in enumerate(zip(s_names, t_names)) if a == b and (a == "attention" or same_knobs)]
+    return [i for i, (a, b) in enumerate(zip(s_names, t_names))
+            if a == b and layer_knobs(student.cfg, a) == layer_knobs(teacher.cfg, b)]
 
 
 def qkv_problem(student, teacher) -> str | None:

@@ -88,13 +88,17 @@ def layer_mixers(layers, n_layers: int, mixer: str) -> list[str]:
     return names
 
 
+def layer_knobs(cfg, name: str) -> dict:
+    """The knobs of a layer whose mixer is `name`: model.mixer's are its named mixer's, a layer of
+    another mixer (a hybrid's attention layers, a list of names) takes that mixer's defaults."""
+    return cfg.mixer if name == cfg.mixer["name"] else mixer_config({"name": name})
+
+
 def build_mixer(cfg, layer: int):
-    """Layer `layer`'s mixer. model.mixer's knobs are its named mixer's: a layer of another mixer
-    (a hybrid's attention layers, a list of names) is built with its own defaults."""
     name = cfg.layer_mixers()[layer]
     if name != cfg.mixer["name"]:
         cfg = copy.copy(cfg)
-        cfg.mixer = mixer_config({"name": name})
+        cfg.mixer = layer_knobs(cfg, name)
     return MIXERS[name](cfg, layer)
 
 
