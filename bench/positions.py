@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--data", default="/work/data/english", help="directory with train.txt and val.txt")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--runs", default=os.environ.get("LMTK_RUNS") or tempfile.mkdtemp(prefix="lmtk-positions-"))
-    ap.add_argument("--only", nargs="*", default=list(RUNS))
+    ap.add_argument("--only", nargs="*", default=list(RUNS), choices=list(RUNS), help="runs to make (overrides go before it)")
     ap.add_argument("--windows", type=int, default=16, help="length.windows: windows per multiple")
     args = common.parse_with_overrides(ap, sys.argv[1:])
     data = Path(args.data).resolve()
