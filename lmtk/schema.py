@@ -30,7 +30,7 @@ class ModelCfg:
     max_seq_len: int = 1024  # only learned positions need it
     positions: str = "learned"  # learned | sinusoidal | rope | none
     rope_base: float = 10000.0
-    rope_layout: str = "half"  # half (rotate_half) | interleaved (runs before issue 16); a checkpoint keeps its own
+    rope_layout: str = "interleaved"  # interleaved (pairs 2i, 2i+1; the fast one) | half (rotate_half); a checkpoint keeps its own
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
     norm_eps: Optional[float] = None  # epsilon of every norm; null: the norm's usual (LayerNorm 1e-5, RMSNorm 1e-6)
