@@ -286,11 +286,11 @@ def run(recipe: str, overrides: list[str]) -> dict:
         data: dict = {}
         for c in valid:
             _score(c, root, dev, data)
-        record["candidates"] = [_row(c) for c in cands]
-        write_atomic(rundir.file(RECORD), json.dumps(record, indent=2))
         scored = sorted((c for c in cands if "score" in c.result), key=lambda c: -c.result["score"])
         for rank, c in enumerate(scored, 1):
             c.result["rank"] = rank
+        record["candidates"] = [_row(c) for c in cands]
+        write_atomic(rundir.file(RECORD), json.dumps(record, indent=2))  # the ranking stands before any training
         if s.train_steps:
             top = scored if s.top is None else scored[: s.top]
             for c in top:
