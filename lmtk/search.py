@@ -188,6 +188,8 @@ def parse_grid(overrides: list[str]) -> tuple[list, list[Axis]]:
         key, value = o.split("=", 1)
         items = split_list(value)
         bare = key.lstrip("+~")
+        if items is None and "," in value and not value.strip().startswith(("'", '"', "{")):
+            raise UserError(f"{o}: a grid's values go in brackets, {key}=[{value}] (Hydra reads a,b as a sweep, which lmtk does not run)")
         if items is not None and (_is_group(bare) or not _list_typed(bare)
                                   or all(split_list(i) is not None for i in items) and items):
             if not items:

@@ -190,6 +190,7 @@ ROWS = [
      "the grid has 4 candidates (2 x 2), more than search.max_candidates=3; narrow it, or raise search.max_candidates"),
     ("search-no-valid-candidate", ["search", "model.d_model=[30,31]"],
      "no candidate of the grid is valid; candidate 1 (model.d_model=30): model.d_model=30 is not divisible by model.n_heads=4"),
+    ("search-grid-without-brackets", ["search", "model.d_model=64,128"], "model.d_model=64,128: a grid's values go in brackets, model.d_model=[64,128]"),
     ("search-grid-on-search-key", ["search", "model.d_model=[32,64]", "search.batches=[1,2]"], "search.* sets the search itself, not a candidate"),
     ("resume-changed-data-stream", ["train", *TINY, "run.name=done", "resume={base}/runs/done/checkpoints/step-000001", "data.seq_len=16"],
      "cannot resume run 'done' with data.seq_len=16: it was trained with data.seq_len=32"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import helpers
 import pytest
@@ -93,9 +94,10 @@ def test_grid_on_a_list_typed_key_is_a_list_of_lists():
     (["model.d_model=[]"], "gives the grid no value"),
     (["search.batches=[1,2]"], "search.* sets the search itself"),
     (["run.name=[a,b]"], "run.* sets the search itself"),
+    (["model.d_model=64,128"], "a grid's values go in brackets, model.d_model=[64,128]"),
 ])
 def test_grid_refuses(overrides, needle):
-    with pytest.raises(UserError, match=needle.replace("*", r"\*").replace(".", r"\.")):
+    with pytest.raises(UserError, match=re.escape(needle)):
         parse_grid(overrides)
 
 
