@@ -92,10 +92,9 @@ def main(argv=None) -> None:
             g = [r for r in trained if r["choices"].get(key) == v]
             if len(g) > 1:
                 q = [-r["val_loss"] for r in g]
-                tau = lambda xs: kendall_tau(xs, q)  # noqa: E731
-                fmt = lambda t: "n/a" if t is None else f"{t:+.3f}"  # noqa: E731
-                groups.append([f"{key}={v} ({len(g)} runs)", fmt(tau([r["score"] for r in g])),
-                               fmt(tau([sum(r["layers"]) / len(r["layers"]) for r in g])), fmt(tau([r["params"] for r in g]))])
+                taus = [kendall_tau(xs, q) for xs in ([r["score"] for r in g], [sum(r["layers"]) / len(r["layers"]) for r in g],
+                                                      [r["params"] for r in g])]
+                groups.append([f"{key}={v} ({len(g)} runs)", *("n/a" if t is None else f"{t:+.3f}" for t in taus)])
     print()
     print(table(["within", "tau: score", "tau: blocks' mean", "tau: params"], groups))
     print(f"\nsearch: {args.record or Path(os.environ['LMTK_RUNS']) / rec['name']}")

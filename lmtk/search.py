@@ -140,7 +140,7 @@ def _list_typed(key: str) -> bool:
     for part in key.split("."):
         try:
             hints = get_type_hints(typ)
-        except Exception:  # not a dataclass (Any, a plain type): nothing below it is typed
+        except (TypeError, NameError):  # not a dataclass (Any, a plain type): nothing below it is typed
             return False
         if part not in hints:
             return False
@@ -324,7 +324,11 @@ def _score(c: Candidate, root, dev, data: dict) -> None:
     from lmtk.data.packing import Batches
     from lmtk.models import build_model, model_config
     from lmtk.objectives import build_objective
-    from lmtk.train.pretrain import _check_mixer_reads_both_ways, prepare_data, refuse_finetune_settings
+    from lmtk.train.pretrain import (
+        _check_mixer_reads_both_ways,
+        prepare_data,
+        refuse_finetune_settings,
+    )
 
     cfg = c.cfg
     try:
@@ -394,9 +398,9 @@ def render(record: dict, console) -> None:
     console.print(t)
     if trained:
         tau, base = record.get("kendall_tau"), record.get("kendall_tau_params")
-        fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
-        console.print(f"Kendall tau, score vs val loss over {record.get('trained', 0)} trained candidates: {fmt(tau)} "
-                      f"(ranking by parameter count: {fmt(base)}; +1: the same order, -1: reversed)")
+        tau, base = ("n/a" if v is None else f"{v:+.3f}" for v in (tau, base))
+        console.print(f"Kendall tau, score vs val loss over {record.get('trained', 0)} trained candidates: {tau} "
+                      f"(ranking by parameter count: {base}; +1: the same order, -1: reversed)")
     console.print(f"record: {record['name']}/{RECORD}  (lmtk runs lists it; lmtk runs compare "
                   f"{' '.join(r['run'] for r in rows if r.get('run')) or '<runs>'})" if trained else
                   f"record: {record['name']}/{RECORD}; train the best briefly with search.train_steps=N (search.top=K)")
