@@ -144,3 +144,22 @@ def test_moe_run_logs_balance_resumes_exactly_and_decodes(lmtk_env):
 
     res = helpers.cli("export", "A", str(runs.parent / "hf"), "--root", str(runs))
     assert res.exit_code != 0 and "model.mlp=moe is a sparse mixture of experts" in f"{res.exception} {res.output}"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """The recomputation in backward neither adds balance terms nor changes the gradients."""
+    torch.manual_seed(0)
+    model = LanguageModel(_cfg(experts=4, top_k=2, router="sigmoid")).train()
+    idx = torch.randint(0, 64, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model.activation_checkpointing = ckpt
+        model.zero_grad()
+        with collect(model) as aux:
+            loss = model.head_loss(model.hidden(idx)[:, :-1], idx[:, 1:])
+        terms = len(aux.terms)
+        (loss + aux.total()).backward()
+        assert len(aux.terms) == terms == 4  # balance and usage of 2 layers, none added in backward
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
