@@ -40,7 +40,7 @@ def test_one_expert_is_the_dense_mlp(router):
 def test_each_token_gets_its_top_k_experts_gated():
     """The gathered computation equals the definition y_t = sum_{e in topk} p_t[e] FFN_e(x_t)."""
     torch.manual_seed(1)
-    moe = MoE(32, 64, moe_config({"experts": 4, "top_k": 2, "d_expert": 16}), False, 0.0)
+    moe = MoE(32, 64, moe_config({"experts": 4, "top_k": 2, "d_expert": 16, "router": "softmax"}), False, 0.0)
     x = torch.randn(2, 9, 32)
     p = torch.softmax(moe.router(x), -1)
     every = torch.stack([ffn(x) for ffn in moe.experts], -2)  # [B, T, E, d]
@@ -91,7 +91,7 @@ def test_every_parameter_gets_a_gradient_and_the_balance_loss_reaches_the_router
     """Experts with no tokens still run (on an empty slice), so DDP needs no find_unused_parameters;
     the balance term collected around the forward carries the router's gradient."""
     torch.manual_seed(0)
-    model = LanguageModel(_cfg(experts=4, top_k=1))
+    model = LanguageModel(_cfg(experts=4, top_k=1, router="softmax"))
     with torch.no_grad():  # equal logits: top-1 takes expert 0 for every token, experts 1..3 get none
         for b in model.blocks:
             b.mlp.router.weight.zero_()
@@ -116,7 +116,8 @@ def test_bad_moe_knobs_are_one_line_errors():
     assert ModelConfig(vocab_size=64, mlp="swiglu", moe={"experts": 2}).moe is None  # read only for mlp=moe
 
 
-MOE = [*helpers.TINY, "model.mlp=moe", "model.moe.experts=4", "model.moe.top_k=2", "logger.every=1", "schedule=cosine"]
+MOE = [*helpers.TINY, "model.mlp=moe", "model.moe.experts=4", "model.moe.top_k=2", "model.moe.router=softmax", "logger.every=1",
+       "schedule=cosine"]
 
 
 def test_moe_run_logs_balance_resumes_exactly_and_decodes(lmtk_env):

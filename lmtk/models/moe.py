@@ -48,10 +48,10 @@ ROUTERS = ("softmax", "sigmoid")
 class Config:
     """model.moe.* (conf/base.yaml): read when model.mlp=moe."""
 
-    experts: int = 4  # E
-    top_k: int = 1  # k experts per token
+    experts: int = 16  # E
+    top_k: int = 4  # k experts per token
     d_expert: Optional[int] = None  # each expert's hidden width; null: model.d_ff // top_k (the dense MLP's active size)
-    router: str = "softmax"  # softmax (Switch; balance = E sum f P) | sigmoid (MoEUT; balance = entropy regularisation)
+    router: str = "sigmoid"  # softmax (Switch; balance = E sum f P) | sigmoid (MoEUT; balance = entropy regularisation)
     balance: float = 0.01  # weight of the balance loss in the training loss (Switch's alpha, MoEUT's gamma: 0.01)
     kind: str = "swiglu"  # each expert's MLP: one of layers.MLPS
 
