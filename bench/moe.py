@@ -20,9 +20,9 @@ import common
 
 RUNS = {  # name -> overrides of the default recipe
     "dense swiglu 320": [],
-    "moe 4x320 top-1 softmax": ["model.mlp=moe", "model.moe.experts=4", "model.moe.top_k=1"],
-    "moe 8x320 top-1 softmax": ["model.mlp=moe", "model.moe.experts=8", "model.moe.top_k=1"],
-    "moe 8x160 top-2 softmax": ["model.mlp=moe", "model.moe.experts=8", "model.moe.top_k=2"],
+    "moe 4x320 top-1 softmax": ["model.mlp=moe", "model.moe.experts=4", "model.moe.top_k=1", "model.moe.router=softmax"],
+    "moe 8x320 top-1 softmax": ["model.mlp=moe", "model.moe.experts=8", "model.moe.top_k=1", "model.moe.router=softmax"],
+    "moe 8x160 top-2 softmax": ["model.mlp=moe", "model.moe.experts=8", "model.moe.top_k=2", "model.moe.router=softmax"],
     "moe 8x160 top-2 sigmoid": ["model.mlp=moe", "model.moe.experts=8", "model.moe.top_k=2", "model.moe.router=sigmoid"],
     "moe 16x80 top-4 sigmoid": ["model.mlp=moe", "model.moe.experts=16", "model.moe.top_k=4", "model.moe.router=sigmoid"],
 }
