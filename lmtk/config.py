@@ -219,7 +219,8 @@ def validate(raw: DictConfig, extras: Iterable[str] = ()) -> DictConfig:
 
 
 def _check_model(cfg) -> None:
-    """model.mixer against its mixer's Config (defaults filled in), model.layers against n_layers."""
+    """model.mixer against its mixer's Config (defaults filled in), model.layers against n_layers, model.moe
+    against the MoE's Config."""
     from lmtk.models.mixers import layer_mixers, mixer_config
 
     m = cfg.model
@@ -231,6 +232,10 @@ def _check_model(cfg) -> None:
     layer_mixers(layers, n_layers, mixer["name"])
     OmegaConf.set_struct(cfg, False)
     m.mixer = mixer
+    if m.get("moe") is not None:  # model.moe.* against models/moe.py's Config (whatever model.mlp: typos fail early)
+        from lmtk.models.moe import moe_config
+
+        m.moe = moe_config(OmegaConf.to_container(m.moe, resolve=True))
     OmegaConf.set_struct(cfg, True)
 
 

@@ -36,7 +36,7 @@ class ModelCfg:
     norm_eps: Optional[float] = None  # epsilon of every norm; null: the norm's usual (LayerNorm 1e-5, RMSNorm 1e-6)
     embedding_norm: bool = False  # cramming normalises the embedding output
     bias: bool = True
-    mlp: str = "gelu"  # gelu | gelu-tanh (GPT-2's approximation) | gated-gelu | swiglu
+    mlp: str = "gelu"  # gelu | gelu-tanh (GPT-2's approximation) | gated-gelu | swiglu | moe (sparse experts: model.moe.*)
     mixer: Any = field(default_factory=lambda: {"name": "attention"})  # model/mixer=NAME; knobs checked by the mixer's Config
     layers: Optional[Any] = None  # hybrids: "RRAR RRAR" (A attention, R model.mixer) or a list of mixer names
     dropout: float = 0.0
@@ -46,6 +46,7 @@ class ModelCfg:
     head_transform: bool = False  # BERT's MLM head transform (dense -> act -> norm) before the decoder
     head_bias: bool = False  # a bias on the LM head (BERT's decoder bias)
     pooler: bool = False  # dense + tanh on the first token (BERT's pooler)
+    moe: Any = None  # model.mlp=moe: experts, top_k, d_expert, router, balance, kind (checked by models/moe.py Config)
 
 
 @dataclass
@@ -267,7 +268,7 @@ CHOICES = {
     "model.rope_layout": ("half", "interleaved"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
-    "model.mlp": ("gelu", "gelu-tanh", "gated-gelu", "swiglu"),
+    "model.mlp": ("gelu", "gelu-tanh", "gated-gelu", "swiglu", "moe"),
     "objective.name": ("clm", "mlm", "antlm", "gpt-bert"),
     "data.source": ("embedded", "text", "hf"),
     "tokenizer.kind": ("bpe", "wordpiece"),

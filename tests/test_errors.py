@@ -120,6 +120,7 @@ ROWS = [
     ("unknown-mixer-key", ["train", "model.mixer.chunk=3"], "unknown config key 'model.mixer.chunk'"),
     ("mixer-knob-out-of-range", ["train", "model/mixer=mamba2", "model.mixer.conv=-1"],
      "model.mixer.conv=-1 for mixer mamba2: the short convolution's size must be >= 0 (0: none)"),
+    ("moe-knob-out-of-range", ["train", "model.mlp=moe", "model.moe.top_k=17"], "model.moe.top_k=17: between 1 and model.moe.experts=16"),
     ("mixer-kernel-fla-unavailable", ["train", "model/mixer=gla", "model.mixer.kernel=fla"],
      "model.mixer.kernel=fla for mixer gla needs a CUDA GPU"),
     ("finetune-base-missing", ["finetune", "base={base}/runs/nope", *FT], "no run, checkpoint or model directory there"),

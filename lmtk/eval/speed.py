@@ -154,6 +154,7 @@ def run(target, cfg: Config) -> dict:
         scores[f"decode_ms@{C}"] = ms
         rows.append({"context": C, "decode_ms_per_token": ms, "note": ""})
     scores.update(params=float(model.num_params()), params_non_embedding=float(model.num_params(embeddings=False)),
+                  params_active=float(model.num_params(active=True)),  # an MoE's router and routed experts only
                   train_flops_per_token=float(flops))
     dev = torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else "cpu"
     notes = [f"{dev}, {str(target.dtype or torch.float32).replace('torch.', '')}; training and prefill at "

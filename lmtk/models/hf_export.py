@@ -56,6 +56,8 @@ class Blocked(Exception):
 def hf_family(cfg, masked: bool) -> str:
     """gpt2 | llama | mistral | bert for a ModelConfig (masked: trained with a masked
     objective), or Blocked naming the first option none of those classes has."""
+    if cfg.mlp == "moe":
+        raise Blocked("model.mlp=moe is a sparse mixture of experts: GPT-2, Llama, Mistral and BERT have dense MLPs")
     mixers = cfg.layer_mixers()
     others = sorted(set(mixers) - {"attention"})
     if others and len(others) == len(set(mixers)):

@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from lmtk.models.fused_ce import linear_cross_entropy
 from lmtk.models.layers import MLP, MLPS, ROPE_LAYOUTS, activation, default_d_ff, make_norm, sinusoidal_table
 from lmtk.models.mixers import build_mixer
+from lmtk.models.moe import MoE, moe_config
 
 
 @dataclass
@@ -55,14 +56,16 @@ class ModelConfig:
     head_transform: bool = False  # BERT's MLM head: dense -> the MLP's activation -> norm, before the decoder
     head_bias: bool = False  # a bias on the LM head's logits (BERT's decoder bias)
     pooler: bool = False  # dense + tanh on the first token's final hidden state (LanguageModel.pool)
+    moe: Optional[dict] = None  # mlp=moe: the experts' knobs (models/moe.py Config); None for a dense MLP
 
     def __post_init__(self):
         from lmtk.models.mixers import mixer_config
 
-        if self.mlp not in MLPS:
-            raise ValueError(f"mlp={self.mlp!r}: one of {', '.join(MLPS)}")
+        if self.mlp not in MLPS + ("moe",):
+            raise ValueError(f"mlp={self.mlp!r}: one of {', '.join(MLPS + ('moe',))}")
+        self.moe = moe_config(self.moe) if self.mlp == "moe" else None
         if self.d_ff is None:
-            self.d_ff = default_d_ff(self.d_model, self.mlp)
+            self.d_ff = default_d_ff(self.d_model, self.moe["kind"] if self.moe else self.mlp)
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(f"rope_layout={self.rope_layout!r}: one of {', '.join(ROPE_LAYOUTS)}")
         # model.json written before mixers had knobs says "mixer": "attention"
@@ -93,7 +96,8 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.mixer = build_mixer(cfg, layer)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
-        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout)
+        self.mlp = (MoE(cfg.d_model, cfg.d_ff, cfg.moe, cfg.bias, cfg.dropout) if cfg.mlp == "moe"
+                    else MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout))
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None,
                 io: dict | None = None, mixer_only: bool = False):
@@ -343,8 +347,11 @@ class LanguageModel(nn.Module):
         for block in self.blocks:
             block.compile(dynamic=False)
 
-    def num_params(self, embeddings: bool = True) -> int:
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
+        """Parameters; active: those one token uses (an MoE's unrouted experts left out)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            n -= sum(m.inactive_params() for m in self.modules() if hasattr(m, "inactive_params"))
         if embeddings:
             return n
         tables = [getattr(self, name, None) for name in ("embed", "pos", "type_embed")]
@@ -352,8 +359,9 @@ class LanguageModel(nn.Module):
 
     def flops_per_token(self, seq_len: int, head_fraction: float = 1.0) -> float:
         """Training FLOPs per token: 6 x matmul params + attention scores (PaLM, app. B). The LM
-        head runs on `head_fraction` of the positions (sparse MLM prediction: the mask rate)."""
+        head runs on `head_fraction` of the positions (sparse MLM prediction: the mask rate). An
+        MoE counts its router and the top_k experts a token goes to, not the others."""
         c = self.cfg
-        body = self.num_params(embeddings=False) - (0 if c.tie_embeddings else self.head.weight.numel())
+        body = self.num_params(embeddings=False, active=True) - (0 if c.tie_embeddings else self.head.weight.numel())
         head = c.vocab_size * c.d_model * head_fraction
         return 6 * (body + head) + sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)

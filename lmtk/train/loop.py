@@ -1,8 +1,8 @@
 """The one training loop, shared by every command.
 
-Each optimizer step: lr from the budget fraction -> micro-batches (objective.loss,
-backward) -> clip -> guard against non-finite values -> step. Every N steps: log,
-validate, checkpoint. The loop never branches on the objective; it only asks it for a
+Each optimizer step: lr from the budget fraction -> micro-batches (objective.loss plus the
+model's auxiliary losses, backward) -> clip -> guard against non-finite values -> step.
+Every N steps: log, validate, checkpoint. The loop never branches on the objective; it only asks it for a
 loss. Randomness of step s comes from generators seeded by (seed, s), and the data
 position is one integer, so a resumed run replays exactly what an uninterrupted run does.
 """
@@ -25,6 +25,7 @@ import torch
 from lmtk.device import autocast, peak_tflops
 from lmtk.errors import UserError
 from lmtk.eval.lm import val_seed, validate  # validation lives in lmtk.eval; the loop calls it
+from lmtk.models.auxloss import collect as collect_aux
 from lmtk.train.budget import Budget, TrainState, micro_steps
 from lmtk.train.optim import build_optimizer, set_lr, step_unless
 from lmtk.train.schedule import lr_factor
@@ -334,10 +335,16 @@ def _forward_backward(job: Job, step_model, state: TrainState, n_micro: int, fra
             batch = _to_device(batch, job.device)
             gen = torch.Generator(job.device).manual_seed(step_seed(job.cfg.seed, state.step, micro * world + dist.rank))
             with step_model.sync(micro == n_micro - 1):
-                with autocast(job.device, job.dtype):  # forward only: backward runs in the forward's dtypes
+                # the model's auxiliary losses (an MoE's balance loss, models/auxloss.py) join every
+                # objective's loss here; the logged loss stays the objective's
+                with autocast(job.device, job.dtype), collect_aux(job.model) as aux:  # forward only: backward runs in the forward's dtypes
                     loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
+                extra = aux.total()
+                if aux.terms:
+                    obj_metrics = {**obj_metrics, **aux.metrics()}
+                train_loss = loss if extra is None else loss + extra
                 # DDP averages gradients over ranks, hence x world for count weights
-                scaled = loss / n_micro if counts is None else loss * (counts[micro] * world / total)
+                scaled = train_loss / n_micro if counts is None else train_loss * (counts[micro] * world / total)
                 (job.scaler.scale(scaled) if job.scaler else scaled).backward()
             step_loss += loss.detach().float() / (n_micro * world) if counts is None else loss.detach().float() * (counts[micro] / total)
             if batches is None:

@@ -186,12 +186,14 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
     n_params = model.num_params()
+    n_active = model.num_params(active=True)  # an MoE's: the router and the top_k experts a token uses
+    active = f" ({n_active / 1e6:.2f}M active)" if n_active != n_params else ""
     val_objectives, note = readings(objective, cfg.val.mask_rate, model)  # causal-only mixers: no masked reading
     if note:
         sinks.console.message(f"validation: {note}")
     if rundir is not None:
         sinks.console.message(
-            f"[bold]{cfg.run.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params | {objective.name} | "
+            f"[bold]{cfg.run.name}[/bold]: {cfg.recipe} | {n_params / 1e6:.2f}M params{active} | {objective.name} | "
             f"{cache.meta['train_tokens']:,} train tokens | budget {_budget(cfg)} | "
             f"{_describe(dev, dtype, dist.world, dist.strategy)} | {rundir.path}"
         )
