@@ -226,7 +226,8 @@ def _check_model(cfg) -> None:
     knobs = m.mixer if isinstance(m.mixer, str) else OmegaConf.to_container(m.mixer, resolve=True)
     # lmtk finetune: the model is the base's (the recipe's a placeholder); model.mixer.state_expand
     # widens the base's recurrent state (finetune/expand.py), checked against the base there
-    expand = knobs.pop("state_expand", None) if cfg.get("base") is not None and isinstance(knobs, dict) else None
+    finetune = cfg.get("base") is not None or recipe_command(cfg.recipe) == "finetune"
+    expand = knobs.pop("state_expand", None) if finetune and isinstance(knobs, dict) else None
     mixer = mixer_config({"name": knobs} if isinstance(knobs, str) else knobs)
     if expand is not None:
         mixer["state_expand"] = expand
