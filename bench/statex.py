@@ -144,7 +144,12 @@ def main(argv=None):
     g.add_argument("--lm-mixer", choices=["gla", "mamba2"], default="gla")
     g.add_argument("--lm-steps", type=int, default=800)
     g.add_argument("--ft-steps", type=int, default=200)
+    g.add_argument("--threads", type=int, default=None, help="torch threads (a shared CPU: 1)")
     a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     if a.part in ("mqar", "both"):
         rows = mqar_part(a)
         print(f"\nMQAR ({a.mixer}, d {a.d_model}, seq {a.seq_len}, {a.kv} pairs, vocab {a.vocab}, batch {a.batch}; chance per query "

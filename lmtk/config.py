@@ -229,7 +229,7 @@ def _check_model(cfg) -> None:
     finetune = cfg.get("base") is not None or recipe_command(cfg.recipe) == "finetune"
     expand = knobs.pop("state_expand", None) if finetune and isinstance(knobs, dict) else None
     mixer = mixer_config({"name": knobs} if isinstance(knobs, str) else knobs)
-    if expand is not None:
+    if expand is not None and expand != 1:  # a request, read by lmtk finetune before the base's model replaces this one
         mixer["state_expand"] = expand
     layers = m.layers if m.layers is None or isinstance(m.layers, str) else list(m.layers)
     # lmtk distill: the student has its teacher's layers, so the pattern's length is checked against them later
