@@ -15,8 +15,9 @@ for `--lm-steps`, then `lmtk finetune base=<it> data=text budget.steps=N` with a
 `model.mixer.state_expand=F` (peft=full, the finetune recipe's lr overridden to the base's);
 validation loss of each.
 
-    python bench/statex.py                       # both parts (~25 min on 2 shared cores)
-    python bench/statex.py --part mqar --mixer mamba2
+    python bench/statex.py --part mqar --factors 4                  # the d 64 gla rows (~5 min, 1 thread)
+    python bench/statex.py --part mqar --factors 4 --mixer mamba2   # the d 64 mamba2 rows
+    python bench/statex.py --part english --factors 2               # the English rows (the CLI; ~15 min shared)
 """
 
 from __future__ import annotations
@@ -128,23 +129,23 @@ def main(argv=None):
     g.add_argument("--d-model", type=int, default=64)
     g.add_argument("--heads", type=int, default=2)
     g.add_argument("--expand-k", type=float, default=0.125, help="gla key width / d_model (small: a small state)")
-    g.add_argument("--d-state", type=int, default=4, help="mamba2 N")
-    g.add_argument("--seq-len", type=int, default=64)
-    g.add_argument("--kv", type=int, default=8)
-    g.add_argument("--batch", type=int, default=32, help="sequences per step")
-    g.add_argument("--vocab", type=int, default=64)
+    g.add_argument("--d-state", type=int, default=2, help="mamba2 N")
+    g.add_argument("--seq-len", type=int, default=32)
+    g.add_argument("--kv", type=int, default=4)
+    g.add_argument("--batch", type=int, default=64, help="sequences per step")
+    g.add_argument("--vocab", type=int, default=32)
     g.add_argument("--base-steps", type=int, default=400)
     g.add_argument("--extra-steps", type=int, default=200)
     g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--extra-lr", type=float, default=1e-3)
+    g.add_argument("--extra-lr", type=float, default=2e-3)
     g.add_argument("--test", type=int, default=256, help="held-out sequences")
     g = p.add_argument_group("english")
     g.add_argument("--data", default="/work/data/english", help="directory with train.txt and val.txt")
     g.add_argument("--runs", default="/tmp/statex-bench/runs")
     g.add_argument("--lm-mixer", choices=["gla", "mamba2"], default="gla")
-    g.add_argument("--lm-steps", type=int, default=800)
-    g.add_argument("--ft-steps", type=int, default=200)
-    g.add_argument("--threads", type=int, default=None, help="torch threads (a shared CPU: 1)")
+    g.add_argument("--lm-steps", type=int, default=500)
+    g.add_argument("--ft-steps", type=int, default=150)
+    g.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s: far faster on a shared CPU; 0: torch's own)")
     a = p.parse_args(argv)
     if a.threads:
         import torch
