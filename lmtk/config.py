@@ -225,7 +225,13 @@ def _check_model(cfg) -> None:
 
     m = cfg.model
     knobs = m.mixer if isinstance(m.mixer, str) else OmegaConf.to_container(m.mixer, resolve=True)
+    # lmtk finetune: the model is the base's (the recipe's a placeholder); model.mixer.state_expand
+    # widens the base's recurrent state (finetune/expand.py), checked against the base there
+    finetune = cfg.get("base") is not None or recipe_command(cfg.recipe) == "finetune"
+    expand = knobs.pop("state_expand", None) if finetune and isinstance(knobs, dict) else None
     mixer = mixer_config({"name": knobs} if isinstance(knobs, str) else knobs)
+    if expand is not None and expand != 1:  # a request, read by lmtk finetune before the base's model replaces this one
+        mixer["state_expand"] = expand
     layers = m.layers if m.layers is None or isinstance(m.layers, str) else list(m.layers)
     # lmtk distill: the student has its teacher's layers, so the pattern's length is checked against them later
     n_layers = m.n_layers if cfg.get("teacher") is None or layers is None else len(layers if not isinstance(layers, str) else layers.replace(" ", ""))

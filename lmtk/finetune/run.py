@@ -2,6 +2,7 @@
 
   resolve_base (finetune/base.py: lmtk run/checkpoint, else Hugging Face directory)
   -> a task (finetune/tasks.py), tokenised with the base's tokenizer, or text data (TokenCache)
+  -> the base's recurrent state widened when model.mixer.state_expand asks (finetune/expand.py: StateX)
   -> TaskModel(base, head) or the base itself; peft.apply (full | bitfit | lora)
   -> resume checks -> RunDir (kind finetune, parents {base}) -> train.loop.fit(Job)
   -> summary (task metric per epoch, best score, trainable parameters), eval/finetune.json,
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 from lmtk import peft
 from lmtk.checkpoint import write_atomic
 from lmtk.errors import UserError
+from lmtk.finetune import expand
 from lmtk.finetune.base import Base, resolve_base
 from lmtk.log import console, make_sinks, null_sinks
 from lmtk.runs import RunDir, runs_root
@@ -51,8 +53,15 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         OmegaConf.update(cfg, "objective.name", base.objective)  # continued LM training: the base's own objective
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "base", base.path)
-    _take_model_config(cfg, base)
     base_fp = peft.fingerprint(base.lm)
+    factor = expand.requested(cfg)
+    if factor:
+        expand.check(base.lm, factor, cfg.peft.method)
+        before = expand.state_size(base.lm)
+        base.lm = expand.expand_state(base.lm, factor, cfg.seed)
+        console.print(f"state expansion x{factor}: recurrent state {before:,} -> {expand.state_size(base.lm):,} entries per sequence "
+                      "(the output unchanged at step 0)")
+    _take_model_config(cfg, base)
 
     task = data = None
     if with_task:
@@ -73,7 +82,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
         "encoder": base.encoder, "peft": OmegaConf.to_container(cfg.peft, resolve=True),
         "head": model.head_meta() if task is not None else None, "skip": list(skip),
         "added_biases": base.added_biases + [n[3:] if n.startswith("lm.") else n for n in info["added_biases"]],
-        "task": task.describe() if task is not None else None,
+        "task": task.describe() if task is not None else None, "state_expand": factor,
     }
     same = ckpt is not None and resume.same_run(cfg, name, ckpt)
     ckpt_step, changes = 0, {}

@@ -247,6 +247,14 @@ def check_knobs(mixer: str, chunk: int, conv: int, kernel: str = "auto", **choic
     kernels.check(kernel, mixer)
 
 
+def check_state_expand(mixer: str, factor) -> None:
+    """model.mixer.state_expand (StateX's state-size factor) is a whole number >= 1."""
+    from lmtk.errors import UserError
+
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise UserError(f"model.mixer.state_expand={factor} for mixer {mixer}: the state-size factor must be a whole number >= 1")
+
+
 def split_heads(mixer: str, width: int, n_heads: int, what: str) -> int:
     """Per-head size of a `width`-wide projection over n_heads heads (a UserError if it does not divide)."""
     from lmtk.errors import UserError

@@ -12,6 +12,11 @@ value width Dv), on the recurrence of recurrence.py with a data-dependent decay 
 The paper's widths: keys 0.5 d_model (expand_k), values d_model (expand_v). b_a is set in
 init_weights so that at x = 0 each head's key channels decay per step by factors spread from
 0.9 to 0.999 (memories of ~10 to ~1000 steps): b_a = logit(a^tau).
+
+State expansion (StateX, Shen et al. 2025, arXiv:2509.22630; `lmtk finetune
+model.mixer.state_expand=f`): each head's key width Dk grows f-fold, so its state S [Dk, Dv] does;
+the readout keeps the unexpanded 1 / sqrt(Dk / f), so a trained model widened by
+widen_state_from() computes what it did before (its new key channels start unread).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtk.models.layers import RMSNorm
-from lmtk.models.mixers.common import Slot, RecurrentMixer, check_knobs, short_conv, split_heads
+from lmtk.models.mixers.common import Slot, RecurrentMixer, check_knobs, check_state_expand, short_conv, split_heads
 from lmtk.models.mixers.recurrence import CHUNK
 
 # Per-step decay factors the gate starts at (x = 0), spread over each head's key channels.
@@ -44,17 +49,20 @@ class GLA(RecurrentMixer):
         conv: int = 0  # short causal conv on q, k, v (size; 0: none, as the paper)
         chunk: int = CHUNK  # chunk length of the chunked (training) form
         kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
+        state_expand: int = 1  # StateX: keys (so the state) state_expand x expand_k d_model wide; set by lmtk finetune
 
         def __post_init__(self):
             check_knobs("gla", self.chunk, self.conv, self.kernel)
+            check_state_expand("gla", self.state_expand)
 
     def __init__(self, cfg, layer: int):
         super().__init__()
         c = self.Config(**{k: v for k, v in cfg.mixer.items() if k != "name"})
         d = cfg.d_model
         self.n_heads = H = c.n_heads or cfg.n_heads
-        key_width, value_width = int(c.expand_k * d), int(c.expand_v * d)
+        key_width, value_width = int(c.expand_k * d) * c.state_expand, int(c.expand_v * d)
         self.dk = split_heads("gla", key_width, H, "key")
+        self.scale = (self.dk // c.state_expand) ** -0.5  # the unexpanded key width's: widening rescales nothing
         self.dv = split_heads("gla", value_width, H, "value")
         self.chunk, self.kernel, self.tau = c.chunk, c.kernel, c.gate_temperature
         self.q = nn.Linear(d, key_width, bias=cfg.bias)
@@ -85,9 +93,51 @@ class GLA(RecurrentMixer):
         g = F.logsigmoid(self.gate_up(self.gate_down(x))) / self.tau  # [B, T, H Dk], <= 0
         H = self.n_heads
         o, S = self.recur(self.heads(q, H), self.heads(k, H), self.heads(v, H), self.heads(g, H), S, decode,
-                          scale=self.dk ** -0.5)
+                          scale=self.scale)
         y = self.merge(self.norm(o.float()))  # in fp32 (o comes back in q's dtype: bf16 under autocast)
         return self.gated_out(y, x, S, conv_state, decode)
+
+    @torch.no_grad()
+    def widen_state_from(self, base: "GLA") -> None:
+        """StateX's expansion with the function kept: `base`'s weights into this mixer, which has
+        base's knobs and an f times wider key (hence state) per head. Per head the key channels are
+        [base's Dk | new (f-1) Dk]: q, k and the decay gate of the old channels are copied; the new
+        channels' queries are zero, so q_t . k_s over them is 0 and S_t^T q_t is base's (the scale is
+        base's too), while their keys keep this mixer's fresh init (a zero key as well would leave
+        both at a saddle: no gradient reaches either); their decays copy the old channels' gates
+        (trained, and alpha <= 1 whatever the input). The short conv's old channels are copied, the
+        new ones take their old channel's taps with a zero bias on the queries (silu(0) = 0). Values,
+        the norm, the output gate and W_o are unchanged."""
+        f = self.dk // base.dk
+        old, H = base.dk, self.n_heads
+
+        def keys(new, base_rows, fill):  # [H f Dk, ...] <- [H Dk, ...], base's channels first in each head; new: fill
+            w, o = new.unflatten(0, (H, self.dk)), base_rows.unflatten(0, (H, old))  # views: writing w writes `new`
+            w[:, :old] = o
+            if fill == "zero":
+                w[:, old:] = 0
+            elif fill == "copy":
+                w[:, old:] = o.repeat(1, f - 1, *([1] * (o.dim() - 2)))
+
+        keys(self.q.weight, base.q.weight, "zero")
+        keys(self.k.weight, base.k.weight, "fresh")
+        keys(self.gate_up.weight, base.gate_up.weight, "copy")
+        keys(self.gate_up.bias, base.gate_up.bias, "copy")
+        if self.q.bias is not None:
+            keys(self.q.bias, base.q.bias, "zero")
+            keys(self.k.bias, base.k.bias, "fresh")
+        if self.conv is not None:  # channels [q, k, v]
+            kw, ko, vw = H * self.dk, H * old, self.v.out_features
+            for what, q_fill in (("weight", "copy"), ("bias", "zero")):
+                q, k, v = getattr(self.conv, what).split([kw, kw, vw])
+                bq, bk, bv = getattr(base.conv, what).split([ko, ko, vw])
+                keys(q, bq, q_fill)
+                keys(k, bk, "copy")
+                v.copy_(bv)
+        widened = ("q.", "k.", "gate_up.", "conv.")
+        for name, p in self.named_parameters():
+            if not name.startswith(widened):
+                p.copy_(base.get_parameter(name))
 
     @staticmethod
     def attention_knobs(tcfg, knobs: dict) -> dict:

@@ -15,7 +15,12 @@ As the op: q = C, k = B (one group by default: shared by every head, passed as o
 attention's shape, which distillation copies a teacher's queries and keys into), v = dt * x, g = -exp(A_log) dt
 (a scalar per head and step, [B, H, T]); no q scaling. Heads: H = E / head_dim. A's and dt's
 initial spectra are the paper's (common.MambaDecay: A ~ U[1, 16], dt log-uniform in
-[1e-3, 1e-1]); D starts at 1. Decoding state: (h [B, H, N, P], conv state)."""
+[1e-3, 1e-1]); D starts at 1. Decoding state: (h [B, H, N, P], conv state).
+
+State expansion (StateX, Shen et al. 2025, arXiv:2509.22630; `lmtk finetune
+model.mixer.state_expand=f`): N grows f-fold, so each head's state h [N, P] does; a trained model
+widened by widen_state_from() computes what it did before (its new B rows write state that its
+zero new C rows do not read yet)."""
 
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from lmtk.errors import UserError
-from lmtk.models.mixers.common import GatedRMSNorm, Slot, MambaDecay, RecurrentMixer, check_knobs, head_size, short_conv
+from lmtk.models.mixers.common import (GatedRMSNorm, Slot, MambaDecay, RecurrentMixer, check_knobs, check_state_expand, head_size,
+                                      short_conv)
 
 
 class Mamba2(RecurrentMixer):
@@ -42,11 +48,13 @@ class Mamba2(RecurrentMixer):
         conv: int = 4  # short causal conv size on x, B, C (0: none)
         chunk: int = 64  # chunk length of the chunked (training / prefill) form
         kernel: str = "auto"  # auto | torch | fla: the chunked form's kernel on CUDA (kernels.py)
+        state_expand: int = 1  # StateX: the state is N = state_expand x d_state per group; set by lmtk finetune
 
         def __post_init__(self):
             from lmtk.errors import UserError
 
             check_knobs("mamba2", self.chunk, self.conv, self.kernel)
+            check_state_expand("mamba2", self.state_expand)
             if self.expand < 1 or self.d_state < 1:
                 raise UserError(f"model.mixer.expand={self.expand}, d_state={self.d_state} for mixer mamba2: both must be >= 1")
 
@@ -55,7 +63,7 @@ class Mamba2(RecurrentMixer):
         c = self.Config(**{k: v for k, v in cfg.mixer.items() if k != "name"})
         self.d_inner = E = c.expand * cfg.d_model
         self.n_heads, self.head_dim = head_size("mamba2", E, c.head_dim, cfg.n_heads, "inner (expand * d_model)")
-        self.d_state, self.chunk, self.kernel = c.d_state, c.chunk, c.kernel
+        self.d_state, self.chunk, self.kernel = c.d_state * c.state_expand, c.chunk, c.kernel
         H, N, G = self.n_heads, self.d_state, c.groups
         if G < 1 or H % G:
             raise UserError(f"model.mixer.groups={G} for mixer mamba2: must divide its {H} heads")
@@ -93,6 +101,48 @@ class Mamba2(RecurrentMixer):
         y = y.transpose(1, 2) + xh * self.D.to(x.dtype).unsqueeze(-1)  # D skip
         y = self.norm(y.flatten(2), z if self.z_width else None)
         return self.drop(self.out_proj(y)), ((h, conv1) if decode else None)
+
+    @torch.no_grad()
+    def widen_state_from(self, base: "Mamba2") -> None:
+        """StateX's expansion with the function kept: `base`'s weights into this mixer, which has
+        base's knobs and an f times larger N. Per group the state rows are [base's N | new (f-1) N]:
+        B's and C's old rows are copied; the new C rows are zero, so y_t = h_t^T C_t reads nothing
+        of the new state, while the new B rows keep this mixer's fresh init (so the new state fills
+        and C's new rows get a gradient; zero B rows as well would stay at a saddle). The decay is
+        per head, not per state row, so nothing about it changes. The short conv's new channels
+        take their old channel's taps, C's with a zero bias (silu(0) = 0). z, x, dt, the decay, D,
+        the norm and out_proj are unchanged."""
+        zx, G, N, n = self.z_width + self.d_inner, self.groups, base.d_state, self.d_state
+        f = n // N
+
+        def rows(new, old, fill):  # [G n, ...] <- [G N, ...], base's rows first in each group; new: fill
+            w, o = new.unflatten(0, (G, n)), old.unflatten(0, (G, N))  # views: writing w writes `new`
+            w[:, :N] = o
+            if fill == "zero":
+                w[:, N:] = 0
+            elif fill == "copy":
+                w[:, N:] = o.repeat(1, f - 1, *([1] * (o.dim() - 2)))
+
+        for what in ("weight", "bias"):
+            p, q = getattr(self.in_proj, what), getattr(base.in_proj, what)
+            if p is None:
+                continue
+            pz, pB, pC, pdt = p.split([zx, G * n, G * n, self.n_heads])
+            qz, qB, qC, qdt = q.split([zx, G * N, G * N, self.n_heads])
+            pz.copy_(qz)
+            pdt.copy_(qdt)
+            rows(pB, qB, "fresh")
+            rows(pC, qC, "zero")
+        if self.conv is not None:  # channels [x, B, C]
+            for what, c_fill in (("weight", "copy"), ("bias", "zero")):
+                px, pB, pC = getattr(self.conv, what).split([self.d_inner, G * n, G * n])
+                qx, qB, qC = getattr(base.conv, what).split([self.d_inner, G * N, G * N])
+                px.copy_(qx)
+                rows(pB, qB, "copy")
+                rows(pC, qC, c_fill)
+        for name, p in self.named_parameters():
+            if not name.startswith(("in_proj.", "conv.")):
+                p.copy_(base.get_parameter(name))
 
     @staticmethod
     def attention_knobs(tcfg, knobs: dict) -> dict:
