@@ -181,7 +181,7 @@ def micro_section(args) -> str:
 
     def half_sliced():  # the half layout's first version: q and k sliced out, rotated, v sliced (autograd sums)
         qkv = F.linear(x, W).view(B, T, 3, H, Dh)
-        q, k = (t.transpose(1, 2) for t in layers._RotateHalf.apply(qkv[:, :, :2], cos[:, None, None], sin[:, None, None]).unbind(2))
+        q, k = (t.transpose(1, 2) for t in layers._Rotate.apply(qkv[:, :, :2], cos[:, None, None], sin[:, None, None], False).unbind(2))
         (q.sum() + k.sum() * 0.5 + qkv[:, :, 2].transpose(1, 2).sum()).backward()
 
     def no_rope():

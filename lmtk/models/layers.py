@@ -150,21 +150,22 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
     return table
 
 
-class _RotateHalf(torch.autograd.Function):
-    """The half-split rotation [a, b] -> [a cos - b sin, b cos + a sin] (a, b: the two halves of the
-    last dimension); its backward is the inverse rotation (sin -> -sin), so nothing but the tables
-    is saved. Grouped-query attention's q and k, each on its own."""
+class _Rotate(torch.autograd.Function):
+    """x [..., T, Dh] rotated in either layout (pairs: channels 2i, 2i+1; else i, i + Dh/2); the
+    backward is the inverse rotation (sin -> -sin), so nothing but the tables is saved.
+    Grouped-query attention's and recurrent mixers' q and k, each on its own."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, pairs: bool):
         ctx.save_for_backward(cos, sin)
-        return _rotate_half(x, cos, sin, 1.0, _empty_like(x, cos))
+        ctx.rotate = _rotate_pairs if pairs else _rotate_half
+        return ctx.rotate(x, cos, sin, 1.0, _empty_like(x, cos))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate_half(grad, cos, sin, -1.0, _empty_like(grad, cos)), None, None
+        return ctx.rotate(grad, cos, sin, -1.0, _empty_like(grad, cos)), None, None, None
 
 
 def _empty_like(x, table):
@@ -278,12 +279,9 @@ class Rotary(nn.Module):
 
     def forward(self, x, cos, sin):
         """x [..., T, Dh] (e.g. [B, H, T, Dh]) rotated at T positions; cos/sin [T, Dh/2]."""
-        if self.layout == "half":
-            return _RotateHalf.apply(x, cos, sin)
-        if torch.compiler.is_compiling():
+        if self.layout == "interleaved" and torch.compiler.is_compiling():
             return _rotate_pairs_plain(x, cos, sin)
-        return _rotate_pairs(x, cos, sin, 1.0, _empty_like(x, cos)) if not x.requires_grad else \
-            _RotaryPairs.apply(x, cos, sin)
+        return _Rotate.apply(x, cos, sin, self.layout == "interleaved")
 
     def rotate_qkv(self, qkv, cos, sin):
         """qkv [B, T, 3, H, Dh] (the fused projection's view) -> (q and k rotated [B, T, 2, H, Dh],
@@ -291,24 +289,9 @@ class Rotary(nn.Module):
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]
         if torch.compiler.is_compiling():
             qk = qkv[:, :, :2]
-            qk = _RotateHalf.apply(qk, cos, sin) if self.layout == "half" else _rotate_pairs_plain(qk, cos, sin)
+            qk = _Rotate.apply(qk, cos, sin, False) if self.layout == "half" else _rotate_pairs_plain(qk, cos, sin)
             return qk, qkv[:, :, 2]
         return _RotaryQKV.apply(qkv, cos, sin, self.layout == "interleaved")
-
-
-class _RotaryPairs(torch.autograd.Function):
-    """_rotate_pairs with its inverse as the backward (recurrent mixers' q and k)."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate_pairs(x, cos, sin, 1.0, _empty_like(x, cos))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate_pairs(grad, cos, sin, -1.0, _empty_like(grad, cos)), None, None
 
 
 def _rotate_pairs_plain(x, cos, sin):
