@@ -337,7 +337,7 @@ def _forward_backward(job: Job, step_model, state: TrainState, n_micro: int, fra
             with step_model.sync(micro == n_micro - 1):
                 # the model's auxiliary losses (an MoE's balance loss, models/auxloss.py) join every
                 # objective's loss here; the logged loss stays the objective's
-                with autocast(job.device, job.dtype), collect_aux(job.model) as aux:  # forward only: backward runs in the forward's dtypes
+                with autocast(job.device, job.dtype), collect_aux(step_model.model) as aux:  # forward only: backward runs in the forward's dtypes
                     loss, obj_metrics = job.objective.loss(step_model, batch, gen, frac)
                 extra = aux.total()
                 if aux.terms:
