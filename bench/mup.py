@@ -18,6 +18,7 @@ Two parts, on real English (the default recipe otherwise: 2 layers, SwiGLU, RoPE
     python bench/mup.py                       # both
     python bench/mup.py sweep --steps 200 --lrs 2e-3,4e-3,8e-3,1.6e-2,3.2e-2
     python bench/mup.py coord
+    python bench/mup.py sweep --run mup:256:8e-3,standard:256:4e-3   # only these cells (PARAM:WIDTH:LR)
 Runs go under LMTK_RUNS_BENCH (default bench/data/runs); sweep results are appended, one JSON
 line per run, to --json (default: <runs>/mup.jsonl) and reused when that file already has them.
 """
@@ -53,9 +54,12 @@ def run_one(args, param: str, width: int, lr: float) -> dict:
            "run.overwrite=true", *width_overrides(width, param, args.base), *args.overrides]
     env = dict(os.environ, LMTK_RUNS=str(Path(args.runs).resolve()))
     Path(args.runs).mkdir(parents=True, exist_ok=True)
-    log = Path(args.runs) / f"{name}.log"
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    log, info = Path(args.runs) / f"{name}.log", Path(args.runs) / name / "run.json"
+    if info.is_file() and json.loads(info.read_text()).get("status") == "done":
+        rc = 0  # finished by an earlier (interrupted) sweep
+    else:
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
     row = {"param": param, "width": width, "lr": lr, "steps": args.steps, "rc": rc}
     if rc == 0:
         s = json.loads((Path(args.runs) / name / "run.json").read_text()).get("summary") or {}
@@ -77,9 +81,12 @@ def sweep(args) -> None:
         for param in ("standard", "mup"):
             for lr in lrs:
                 if width == args.base and param == "mup":  # the same model as standard at its base width
-                    rows[(param, width, lr)] = rows[("standard", width, lr)]
+                    rows[(param, width, lr)] = rows.get(("standard", width, lr), {})
                     continue
                 key = (param, width, lr, args.steps)
+                if param not in args.params or args.run and (param, width, lr) not in args.run:
+                    rows[(param, width, lr)] = done.get(key, {})
+                    continue
                 if key not in done:
                     done[key] = run_one(args, param, width, lr)
                     with open(path, "a") as f:
@@ -167,6 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per sweep run (default: %(default)s)")
     p.add_argument("--lrs", default="2e-3,4e-3,8e-3,1.6e-2,3.2e-2", help="comma-separated train.lr grid")
     p.add_argument("--widths", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
+    p.add_argument("--params", type=lambda s: s.split(","), default=["standard", "mup"], help="parametrisations to run")
+    p.add_argument("--run", type=lambda s: {(p, int(w), float(lr)) for p, w, lr in (x.split(":") for x in s.split(","))},
+                   default=None, help="run only these PARAM:WIDTH:LR cells (the table shows every cell already run)")
     p.add_argument("--base", type=int, default=64, help="model.mup_base_width (default: %(default)s)")
     p.add_argument("--coord-steps", type=int, default=10)
     p.add_argument("--coord-lr", type=float, default=1e-2)

@@ -63,6 +63,9 @@ def hf_family(cfg, masked: bool) -> str:
     if others:
         pattern = cfg.layers if isinstance(cfg.layers, str) else ",".join(cfg.layers)
         raise Blocked(f"model.layers={pattern!r} mixes attention with {', '.join(others)} layers (a hybrid), which no transformers class has")
+    if getattr(cfg, "parametrization", "standard") == "mup" and cfg.d_model != cfg.mup_base_width:
+        raise Blocked(f"model.parametrization=mup at model.d_model={cfg.d_model} != model.mup_base_width={cfg.mup_base_width}: "
+                      "its logit multiplier and 1/d_head attention scale are in no transformers class")
     if masked:
         return _masked_family(cfg)
     return _causal_family(cfg)
