@@ -12,13 +12,14 @@ Two parts, on real English (the default recipe otherwise: 2 layers, SwiGLU, RoPE
   coord   the coordinate check (Yang et al., Tensor Programs V): models at widths 32, 64, 128
           (base 32) trained a few Adam steps at one lr in-process, then mean |x| of the embedding
           output, each block's output and the logits on a fixed batch. Under muP these stay
-          roughly constant across widths; under SP the logits (and with Adam the hidden
-          activations' updates) grow with the width.
+          roughly constant across widths; under SP Adam's updates, of a size set by the lr and
+          not by the fan-in, make the hidden activations grow with the width.
 
     python bench/mup.py                       # both
     python bench/mup.py sweep --steps 200 --lrs 2e-3,4e-3,8e-3,1.6e-2,3.2e-2
     python bench/mup.py coord
     python bench/mup.py sweep --run mup:256:8e-3,standard:256:4e-3   # only these cells (PARAM:WIDTH:LR)
+    python bench/mup.py sweep --run ''                                # no runs: the table of what is in --json
 Runs go under LMTK_RUNS_BENCH (default bench/data/runs); sweep results are appended, one JSON
 line per run, to --json (default: <runs>/mup.jsonl) and reused when that file already has them.
 """
@@ -50,20 +51,21 @@ def width_overrides(width: int, param: str, base: int) -> list[str]:
 def run_one(args, param: str, width: int, lr: float) -> dict:
     name = f"mup-{param}-w{width}-lr{lr:g}-s{args.steps}"
     cmd = [sys.executable, "-m", "lmtk", "train", "default", "data=text", f"data.train={args.data}/train.txt",
-           f"data.val={args.data}/val.txt", f"budget.steps={args.steps}", f"train.lr={lr}", f"run.name={name}",
+           f"data.val={args.data}/val.txt", f"budget.steps={args.steps}", "budget.hours=null", f"train.lr={lr}", f"run.name={name}",
            "run.overwrite=true", *width_overrides(width, param, args.base), *args.overrides]
     env = dict(os.environ, LMTK_RUNS=str(Path(args.runs).resolve()))
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     log, info = Path(args.runs) / f"{name}.log", Path(args.runs) / name / "run.json"
-    if info.is_file() and json.loads(info.read_text()).get("status") == "done":
+    prior = json.loads(info.read_text()) if info.is_file() else {}
+    if prior.get("status") == "done" and (prior.get("summary") or {}).get("steps") == args.steps:
         rc = 0  # finished by an earlier (interrupted) sweep
     else:
         with open(log, "w") as f:
             rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
     row = {"param": param, "width": width, "lr": lr, "steps": args.steps, "rc": rc}
     if rc == 0:
-        s = json.loads((Path(args.runs) / name / "run.json").read_text()).get("summary") or {}
-        row.update(val_loss=s.get("val/loss"), train_s=s.get("train_seconds"))
+        s = json.loads(info.read_text()).get("summary") or {}
+        row.update(val_loss=s.get("val/loss"), train_s=s.get("train_seconds"), steps_run=s.get("steps"))
     print(json.dumps(row), flush=True)
     return row
 
@@ -84,7 +86,7 @@ def sweep(args) -> None:
                     rows[(param, width, lr)] = rows.get(("standard", width, lr), {})
                     continue
                 key = (param, width, lr, args.steps)
-                if param not in args.params or args.run and (param, width, lr) not in args.run:
+                if param not in args.params or args.run is not None and (param, width, lr) not in args.run:
                     rows[(param, width, lr)] = done.get(key, {})
                     continue
                 if key not in done:
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", default="2e-3,4e-3,8e-3,1.6e-2,3.2e-2", help="comma-separated train.lr grid")
     p.add_argument("--widths", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
     p.add_argument("--params", type=lambda s: s.split(","), default=["standard", "mup"], help="parametrisations to run")
-    p.add_argument("--run", type=lambda s: {(p, int(w), float(lr)) for p, w, lr in (x.split(":") for x in s.split(","))},
+    p.add_argument("--run", type=lambda s: {(p, int(w), float(lr)) for p, w, lr in (x.split(":") for x in s.split(",") if x)},
                    default=None, help="run only these PARAM:WIDTH:LR cells (the table shows every cell already run)")
     p.add_argument("--base", type=int, default=64, help="model.mup_base_width (default: %(default)s)")
     p.add_argument("--coord-steps", type=int, default=10)
