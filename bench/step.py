@@ -163,28 +163,37 @@ def micro_section(args) -> str:
     D = H * Dh
     rows = []
     # rotary on q and k out of the qkv projection (the projection's own cost included in both)
-    rot = layers.Rotary(Dh, 10000.0, T, "half")
-    cos, sin = rot.cos_sin(T, torch.float32)
+    rots = {k: layers.Rotary(Dh, 10000.0, T, k) for k in ("interleaved", "half")}
+    cos, sin = rots["half"].cos_sin(T, torch.float32)
     W = torch.randn(3 * D, D) * 0.02
     x = torch.randn(B, T, D, requires_grad=True)
 
-    def interleaved():
+    def qkv_rotated(layout):  # as Attention.forward: one op on the qkv view (_RotaryQKV)
+        def f():
+            qk, v = rots[layout].rotate_qkv(F.linear(x, W).view(B, T, 3, H, Dh), cos, sin)
+            (qk[:, :, 0].transpose(1, 2).sum() + qk[:, :, 1].transpose(1, 2).sum() * 0.5 + v.transpose(1, 2).sum()).backward()
+        return f
+
+    def stacked():  # the interleaved layout before issue 16: strided slices, re-stacked, per tensor
         q, k, v = F.linear(x, W).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)
-        q, k = rot(q, cos, sin), rot(k, cos, sin)
+        q, k = layers._rotate_pairs_plain(q, cos, sin), layers._rotate_pairs_plain(k, cos, sin)
         (q.sum() + k.sum() * 0.5 + v.sum()).backward()
 
-    def half():
+    def half_sliced():  # the half layout's first version: q and k sliced out, rotated, v sliced (autograd sums)
         qkv = F.linear(x, W).view(B, T, 3, H, Dh)
-        q, k = (t.transpose(1, 2) for t in rot.rotate_qk(qkv[:, :, :2], cos, sin).unbind(2))
+        q, k = (t.transpose(1, 2) for t in layers._RotateHalf.apply(qkv[:, :, :2], cos[:, None, None], sin[:, None, None]).unbind(2))
         (q.sum() + k.sum() * 0.5 + qkv[:, :, 2].transpose(1, 2).sum()).backward()
 
     def no_rope():
         q, k, v = F.linear(x, W).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)
         (q.sum() + k.sum() * 0.5 + v.sum()).backward()
 
-    r = _timeit({"interleaved": interleaved, "half": half, "none": no_rope}, clock)
-    for k in ("interleaved", "half"):
-        rows.append([f"rotary q,k: {k} (qkv projection + rotation)", f"{r[k]:,.0f}", f"{r[k] - r['none']:,.0f}"])
+    fns = {"interleaved, stacked (before)": stacked, "half, sliced (before)": half_sliced,
+           "interleaved, complex qkv op (after)": qkv_rotated("interleaved"), "half, qkv op": qkv_rotated("half"), "none": no_rope}
+    r = _timeit(fns, clock)
+    for k in fns:
+        if k != "none":
+            rows.append([f"rotary q,k: {k}", f"{r[k]:,.0f}", f"{r[k] - r['none']:,.0f}"])
     # norms
     xn = torch.randn(B, T, D, requires_grad=True)
     w = (1 + 0.1 * torch.randn(D)).requires_grad_()

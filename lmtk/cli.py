@@ -99,6 +99,23 @@ def distill(args: Optional[List[str]] = typer.Argument(None, help="[RECIPE] teac
     _launch_or_run("distill", args, run)
 
 
+SEARCH_HELP = ("[RECIPE] key=[a,b] group=[x,y] ... [key=value ...]: a training recipe (default: 'default'), the grid "
+               "(overrides with a list of values; their cartesian product) and overrides every candidate shares; "
+               "search.train_steps=N trains the best (search.top=K) briefly")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def search(args: Optional[List[str]] = typer.Argument(None, help=SEARCH_HELP, metavar="[RECIPE] [OVERRIDES]...",
+                                                      autocompletion=_complete_recipe_args)):
+    """Rank a grid of model candidates at initialisation (hidden-covariance score, in seconds); optionally train the top few briefly."""
+    from lmtk.config import check_recipe_command
+    from lmtk.search import render, run
+
+    recipe, overrides = _split(args)
+    check_recipe_command(recipe, "train")  # candidates are pretraining runs
+    render(run(recipe, overrides), _stdout_console())
+
+
 @app.command()
 def recipes():
     """List the recipes shipped with lmtk."""

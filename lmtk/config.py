@@ -281,6 +281,12 @@ def _check(cfg) -> None:
     for key in ("val.every", "checkpoint.every", "checkpoint.keep", "val.tokens"):
         if OmegaConf.select(cfg, key) < 0:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} must not be negative")
+    sc = cfg.search
+    for key, low in (("batches", 1), ("train_steps", 0), ("max_candidates", 1)):
+        if sc[key] < low:
+            raise UserError(f"search.{key}={sc[key]} must be at least {low}")
+    if sc.top is not None and sc.top < 1:
+        raise UserError(f"search.top={sc.top} must be at least 1 (null: every candidate trains)")
     r = cfg.resume
     if isinstance(r, bool) and r or not isinstance(r, (bool, str)) and r is not None:
         raise UserError(f"resume={str(r).lower()} is not a choice: resume=auto continues run.name from its latest checkpoint, "

@@ -171,6 +171,7 @@ def _table(title: str, *cols, **kw):
 
 
 def render_show(d: dict, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     head = Table(show_header=False, box=None, title=f"run {d['name']}", title_justify="left", title_style="bold")
@@ -180,7 +181,7 @@ def render_show(d: dict, console) -> None:
                          ("error", d["error"]), ("created", d["created"]), ("updated", d["updated"]), ("device", d["device"]),
                          ("command", d["command"]), ("resumed", d["resumed"] or None)):
         if value is not None:
-            head.add_row(label, str(value))
+            head.add_row(label, escape(str(value)))  # a command's model/mixer=[a,b] is not rich markup
     console.print(head)
 
     lineage = _table("lineage", "relation", "run", "path / kind")

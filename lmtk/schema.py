@@ -30,7 +30,7 @@ class ModelCfg:
     max_seq_len: int = 1024  # only learned positions need it
     positions: str = "learned"  # learned | sinusoidal | rope | none
     rope_base: float = 10000.0
-    rope_layout: str = "half"  # half (rotate_half) | interleaved (runs before issue 16); a checkpoint keeps its own
+    rope_layout: str = "interleaved"  # interleaved (pairs 2i, 2i+1; the fast one) | half (rotate_half); a checkpoint keeps its own
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post
     norm_eps: Optional[float] = None  # epsilon of every norm; null: the norm's usual (LayerNorm 1e-5, RMSNorm 1e-6)
@@ -218,6 +218,16 @@ class DistillCfg:
 
 
 @dataclass
+class SearchCfg:
+    """`lmtk search`: a grid of candidates ranked at initialisation (hidden covariance), optionally trained briefly."""
+
+    batches: int = 4  # batches of train.micro_batch_size windows scored per candidate (the first ones its training run would see)
+    train_steps: int = 0  # 0: rank only; N: train the top candidates N steps each, as runs <search>-<i>, and report Kendall's tau
+    top: Optional[int] = None  # with train_steps: how many of the best-scored candidates train (null: all)
+    max_candidates: int = 64  # a larger grid is refused (narrow it, or raise this)
+
+
+@dataclass
 class Config:
     recipe: str = "default"
     description: str = ""
@@ -247,6 +257,8 @@ class Config:
     # lmtk distill: the teacher (a run, checkpoint or Hugging Face decoder directory) and the method
     teacher: Optional[str] = None
     distill: DistillCfg = field(default_factory=DistillCfg)
+    # lmtk search: how candidates are scored and how many train
+    search: SearchCfg = field(default_factory=SearchCfg)
 
 
 # Values restricted to a set; checked after composition so typos fail before any work.

@@ -240,7 +240,7 @@ def test_half_rope_layout_is_the_interleaved_one_up_to_a_permutation(bias):
 
     old = tiny(positions="rope", norm="rmsnorm", mlp="swiglu", bias=bias, rope_layout="interleaved").train()
     new = tiny(positions="rope", norm="rmsnorm", mlp="swiglu", bias=bias, rope_layout="half").train()
-    assert new.blocks[0].mixer.half and not old.blocks[0].mixer.half
+    assert new.blocks[0].mixer.rotary.layout == "half" and old.blocks[0].mixer.rotary.layout == "interleaved"
     new.load_state_dict(convert_rope_layout(old.state_dict(), old.cfg))
     assert not torch.equal(new.blocks[0].mixer.qkv.weight, old.blocks[0].mixer.qkv.weight)
     idx = torch.randint(5, V, (B, T))
@@ -255,11 +255,11 @@ def test_half_rope_layout_is_the_interleaved_one_up_to_a_permutation(bias):
         assert torch.equal(back[k], v), k
 
 
-def test_recipes_use_the_half_rope_layout():
+def test_recipes_use_the_interleaved_rope_layout():
     from lmtk.config import compose
 
-    assert compose("default", []).model.rope_layout == "half"
-    assert build_model(model_config(compose("default", []).model, 1000)).blocks[0].mixer.half
+    assert compose("default", []).model.rope_layout == "interleaved"
+    assert build_model(model_config(compose("default", []).model, 1000)).blocks[0].mixer.rotary.layout == "interleaved"
     with pytest.raises(UserError, match="rope_layout"):
         compose("default", ["model.rope_layout=diagonal"])
     with pytest.raises(ValueError, match="rope_layout"):
@@ -299,3 +299,76 @@ def test_rms_norm_equals_the_reference(dtype):
     yf = torch.nn.functional.rms_norm(xf, (48,), norm.weight, 1e-6)
     torch.testing.assert_close(y, yf)
     torch.testing.assert_close(gx, torch.autograd.grad(yf, xf, g)[0])
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rotary_qkv_op_equals_plain_rotation(layout, dtype):
+    """Rotary.rotate_qkv (one op on the qkv view, gradients of q, k and v written into one buffer;
+    the interleaved layout as a complex multiply) equals slicing q, k, v out and rotating q and k
+    with plain tensor arithmetic: outputs and the qkv gradient, also when v is not used."""
+    from lmtk.models.layers import Rotary
+
+    torch.manual_seed(0)
+    B_, T_, H, Dh = 2, 6, 2, 8
+    rot = Rotary(Dh, 10000.0, 16, layout).to(dtype)
+    cos, sin = rot.cos_sin(T_, dtype, offset=3)
+
+    def plain(x):  # [..., Dh] at T_ positions (dim -3 is time in [B, T, H, Dh])
+        c, s = cos[:, None, :].double(), sin[:, None, :].double()
+        x = x.double()
+        if layout == "half":
+            a, b = x[..., : Dh // 2], x[..., Dh // 2:]
+            return torch.cat((a * c - b * s, b * c + a * s), -1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), -1).flatten(-2)
+
+    tol = dict(rtol=0, atol=0.02) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for use_v in (True, False):
+        qkv = torch.randn(B_, T_, 3, H, Dh, dtype=dtype, requires_grad=True)
+        gq, gv = torch.randn(B_, T_, 2, H, Dh, dtype=dtype), torch.randn(B_, T_, H, Dh, dtype=dtype)
+        qk, v = rot.rotate_qkv(qkv, cos, sin)
+        assert qk.dtype == dtype and qk.shape == (B_, T_, 2, H, Dh) and torch.equal(v, qkv[:, :, 2])
+        ref = torch.stack([plain(qkv[:, :, i]) for i in (0, 1)], 2)
+        torch.testing.assert_close(qk.double(), ref, **tol)
+        ((qk * gq).sum() + ((v * gv).sum() if use_v else 0)).backward()
+        ref_q = torch.stack(_rotate_back(gq, cos, sin, layout), 2)
+        torch.testing.assert_close(qkv.grad[:, :, :2].double(), ref_q, **tol)
+        assert torch.equal(qkv.grad[:, :, 2], gv if use_v else torch.zeros_like(gv))
+
+
+def _rotate_back(g, cos, sin, layout):
+    """The transpose of the rotation (rotation by -theta), per q / k slice, in float64."""
+    c, s = cos[:, None, :].double(), -sin[:, None, :].double()
+    out = []
+    for i in (0, 1):
+        x = g[:, :, i].double()
+        if layout == "half":
+            h = x.shape[-1] // 2
+            a, b = x[..., :h], x[..., h:]
+            out.append(torch.cat((a * c - b * s, b * c + a * s), -1))
+        else:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            out.append(torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), -1).flatten(-2))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gated-gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gated_mlp_op_equals_autograd(kind, dtype):
+    """The gated MLP's act(a) * b with its one-buffer backward equals plain autograd on the
+    chunked halves: output and the gradient of both halves."""
+    from lmtk.models.layers import activation, gated
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, 2 * 12, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 12, dtype=dtype)
+    y = gated(h, kind)
+    y.backward(g)
+    got = h.grad.clone()
+    h.grad = None
+    a, b = h.chunk(2, -1)
+    ref = activation(kind)(a) * b
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(got, h.grad)

@@ -212,24 +212,29 @@ def _as_before_rope_layout(run) -> None:
             meta.write_text(json.dumps(m))
 
 
-def test_a_run_from_before_rope_layout_resumes_and_loads_in_its_layout(lmtk_env):
-    """Checkpoints without model.rope_layout hold interleaved-layout weights: resuming one (the
-    recipes now say half) continues in that layout and ends bit-identical to a straight run;
-    load_pretrained rebuilds it in that layout too (same logits as the run's own model)."""
+@pytest.mark.parametrize("layout, strip, resume_with", [
+    ("interleaved", True, ["model.rope_layout=half"]),  # before the key existed; resumed under another layout
+    ("half", False, []),  # the recipes' layout of 2026-11-29..12-02, resumed under today's default
+])
+def test_a_run_resumes_and_loads_in_its_own_rope_layout(lmtk_env, layout, strip, resume_with):
+    """A checkpoint's weights are in its own rotary layout (interleaved where model.rope_layout is
+    missing): resuming it under a config that says otherwise continues in that layout and ends
+    bit-identical to a straight run; load_pretrained rebuilds it in that layout too."""
     from lmtk.checkpoint import load_pretrained
 
     runs = lmtk_env.runs
-    old = ["model.positions=rope", "model.rope_layout=interleaved"]
+    old = ["model.positions=rope", f"model.rope_layout={layout}"]
     helpers.train(*COMMON, *old, "run.name=A")
     helpers.train(*COMMON, *old, "run.name=B", f"checkpoint.every={N}")
-    _as_before_rope_layout(runs / "B")
+    if strip:
+        _as_before_rope_layout(runs / "B")
     _simulate_crash(runs / "B", crashed_after=N)
     with pytest.warns(UserWarning, match="stale lock"):
-        helpers.train(*COMMON, "model.positions=rope", "run.name=B", f"checkpoint.every={N}", "resume=auto")
+        helpers.train(*COMMON, "model.positions=rope", *resume_with, "run.name=B", f"checkpoint.every={N}", "resume=auto")
     _assert_same_weights(runs / "A", runs / "B")
     assert _losses(runs / "B") == _losses(runs / "A")
     model, _, meta = load_pretrained(runs / "B" / "checkpoints" / f"step-{N:06d}")
-    assert "rope_layout" not in meta["model"] and model.cfg.rope_layout == "interleaved"
+    assert ("rope_layout" not in meta["model"]) == strip and model.cfg.rope_layout == layout
     ref, _, _ = load_pretrained(runs / "A")
     model, _, _ = load_pretrained(runs / "B")
     idx = torch.randint(5, 100, (2, 16))

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 class _RMSNormFn(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * w with a hand-written backward: on CPU F.rms_norm is a
     composite of ~6 ops whose autograd graph costs ~2x a LayerNorm (bench/RESULTS.md, issue 16);
-    this is 2 reductions (vecdot) and 4 element-wise passes in all, equal to F.rms_norm to float
-    rounding (tests/test_model.py)."""
+    this is 2 reductions, a matrix-vector product and 5 element-wise passes in all, equal to
+    F.rms_norm to float rounding (tests/test_model.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
@@ -28,11 +28,12 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, grad):
         xn, r, weight = ctx.saved_tensors
         d = xn.shape[-1]
-        grad_w = (grad * xn).reshape(-1, d).sum(0) if ctx.needs_input_grad[1] else None
-        gx = grad * weight
-        # dx = r * (g*w - xn * mean(g*w*xn))
-        m = torch.linalg.vecdot(gx, xn).unsqueeze(-1).div_(-d)
-        return gx.addcmul_(xn, m).mul_(r), grad_w, None
+        g_xn = grad * xn
+        grad_w = g_xn.reshape(-1, d).sum(0) if ctx.needs_input_grad[1] else None
+        # dx = r * (g*w - xn * mean(g*w*xn)); sum_j g_j w_j xn_j as a matrix-vector product of
+        # g*xn (needed for grad_w anyway) with w, not another pass over g*w
+        m = (g_xn @ weight).unsqueeze(-1).div_(-d)
+        return (grad * weight).addcmul_(xn, m).mul_(r), grad_w, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,11 +85,46 @@ def default_d_ff(d_model: int, mlp: str) -> int:
     return 64 * math.ceil(8 * d_model / 3 / 64)  # gated: same parameters as a 4x GELU MLP
 
 
+class _Gated(torch.autograd.Function):
+    """act(a) * b for h = [a, b] (the two halves of a gated MLP's one up projection), with a
+    backward that writes both halves' gradients into one buffer: autograd's would chunk-backward
+    them into a concatenation, one more pass over [N, 2 d_ff] (bench/RESULTS.md, issue 16)."""
+
+    @staticmethod
+    def forward(ctx, h, gelu: bool):
+        a, b = h.chunk(2, dim=-1)
+        s = F.gelu(a) if gelu else F.silu(a)
+        ctx.save_for_backward(h, s)
+        ctx.gelu = gelu
+        return s * b
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, s = ctx.saved_tensors
+        a, b = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_a, grad_b = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, s, out=grad_b)  # d/db = act(a)
+        act_backward = torch.ops.aten.gelu_backward if ctx.gelu else torch.ops.aten.silu_backward
+        act_backward.grad_input(grad * b, a, grad_input=grad_a)  # d/da = b act'(a)
+        return grad_h, None
+
+
+def gated(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(a) * b of the halves of h: swiglu (SiLU) or gated-gelu (erf GELU)."""
+    if torch.compiler.is_compiling():  # inductor fuses the plain form
+        a, b = h.chunk(2, dim=-1)
+        return activation(kind)(a) * b
+    return _Gated.apply(h, kind == "gated-gelu")
+
+
 class MLP(nn.Module):
     """gelu / gelu-tanh: W2 gelu(W1 x).  gated-gelu / swiglu: W2 (act(W1a x) * W1b x)."""
 
     def __init__(self, d: int, d_ff: int, kind: str, bias: bool, dropout: float):
         super().__init__()
+        self.kind = kind
         self.gated = kind in ("gated-gelu", "swiglu")
         self.act = activation(kind)
         self.up = nn.Linear(d, d_ff * (2 if self.gated else 1), bias=bias)
@@ -99,8 +135,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.up(x)
         if self.gated:
-            a, b = h.chunk(2, dim=-1)
-            h = self.act(a) * b
+            h = gated(h, self.kind)
         else:
             h = self.act(h)
         return self.drop(self.down(h))
@@ -118,24 +153,28 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
 class _RotateHalf(torch.autograd.Function):
     """The half-split rotation [a, b] -> [a cos - b sin, b cos + a sin] (a, b: the two halves of the
     last dimension); its backward is the inverse rotation (sin -> -sin), so nothing but the tables
-    is saved and no strided slices or re-stacking are involved."""
+    is saved. Grouped-query attention's q and k, each on its own."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0)
+        return _rotate_half(x, cos, sin, 1.0, _empty_like(x, cos))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1.0), None, None
+        return _rotate_half(grad, cos, sin, -1.0, _empty_like(grad, cos)), None, None
 
 
-def _rotate(x, cos, sin, sign: float):
+def _empty_like(x, table):
+    return torch.empty(x.shape, dtype=torch.promote_types(x.dtype, table.dtype), device=x.device)
+
+
+def _rotate_half(x, cos, sin, sign: float, out):
+    """out = x rotated by +-theta, channel i paired with i + Dh/2 (four ops on the halves)."""
     h = x.shape[-1] // 2
     a, b = x[..., :h], x[..., h:]
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
     oa, ob = out[..., :h], out[..., h:]
     torch.mul(a, cos, out=oa)
     oa.addcmul_(b, sin, value=-sign)
@@ -144,18 +183,78 @@ def _rotate(x, cos, sin, sign: float):
     return out
 
 
+def _as_complex(x):
+    """[..., Dh] real -> [..., Dh/2] complex view, channels (2i, 2i+1) as one number."""
+    x = x.unflatten(-1, (-1, 2))
+    if x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]):
+        x = x.contiguous()
+    return torch.view_as_complex(x)
+
+
+def _rotate_pairs(x, cos, sin, sign: float, out):
+    """out = x rotated by +-theta, channels (2i, 2i+1) paired: x_2i + i x_2i+1 times
+    e^{+-i theta} is one complex multiply (a single vectorised pass; the real-valued form is
+    four ops on strided slices, ~2x the time on CPU: bench/RESULTS.md, issue 16). Complex
+    numbers exist for fp32/fp64 only, so bf16/fp16 round-trip through fp32."""
+    cis = torch.complex(cos.float(), sin.float() * sign)
+    if x.dtype == out.dtype == torch.float32 or x.dtype == out.dtype == torch.float64:
+        torch.mul(_as_complex(x), cis.to(torch.complex128 if x.dtype == torch.float64 else torch.complex64),
+                  out=_as_complex_out(out))
+    else:
+        out.copy_(torch.view_as_real(_as_complex(x.float()) * cis).flatten(-2))
+    return out
+
+
+def _as_complex_out(out):
+    v = _as_complex(out)
+    assert v.data_ptr() == out.data_ptr(), "the output must be viewable as complex"
+    return v
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """q and k of a fused [B, T, 3, H, Dh] qkv projection rotated, and v passed through, as one
+    op whose backward writes all three gradients into one [B, T, 3, H, Dh] buffer: slicing q, k
+    and v out of qkv and rotating q and k separately would cost autograd a zero-filled buffer
+    per slice and their sum (bench/RESULTS.md, issue 16). Returns (qk [B, T, 2, H, Dh], v)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, pairs: bool):
+        ctx.save_for_backward(cos, sin)
+        ctx.rotate = _rotate_pairs if pairs else _rotate_half
+        qk = qkv[:, :, :2]
+        return ctx.rotate(qk, cos, sin, 1.0, _empty_like(qk, cos)), qkv[:, :, 2]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_qk, grad_v):
+        cos, sin = ctx.saved_tensors
+        ref = grad_qk if grad_qk is not None else grad_v
+        B, T = ref.shape[:2]
+        grad = torch.empty((B, T, 3, *ref.shape[-2:]), dtype=ref.dtype, device=ref.device)
+        if grad_qk is None:
+            grad[:, :, :2].zero_()
+        else:
+            ctx.rotate(grad_qk, cos, sin, -1.0, grad[:, :, :2])
+        if grad_v is None:
+            grad[:, :, 2].zero_()
+        else:
+            grad[:, :, 2].copy_(grad_v)
+        return grad, None, None, None
+
+
 ROPE_LAYOUTS = ("half", "interleaved")
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (RoFormer). Channel pairs (i, i + Dh/2) rotate together in the
-    "half" layout (GPT-NeoX / Llama's rotate_half), pairs (2i, 2i+1) in the "interleaved" one
-    (RoFormer's, lmtk's before issue 16: strided slices and a re-stack, ~2x the cost on CPU).
+    """Rotary position embedding (RoFormer). Channel pairs (2i, 2i+1) rotate together in the
+    "interleaved" layout (RoFormer's; the default: on CPU one complex multiply), pairs
+    (i, i + Dh/2) in the "half" one (GPT-NeoX / Llama's rotate_half: Hugging Face imports).
     The two are the same model up to a permutation of each head's q and k channels
     (rope_permutation), which a linear q/k projection absorbs (convert_rope_layout).
 
     The cos/sin tables are buffers built once for max_len positions: no state changes inside
-    forward, so torch.compile sees a static graph (a lazily filled cache forced a recompile)."""
+    forward, so torch.compile sees a static graph (a lazily filled cache forced a recompile).
+    Under torch.compile the rotation is plain tensor arithmetic, which inductor fuses."""
 
     def __init__(self, head_dim: int, base: float, max_len: int, layout: str = "interleaved"):
         super().__init__()
@@ -178,14 +277,43 @@ class Rotary(nn.Module):
         return cos[offset:end].to(dtype), sin[offset:end].to(dtype)
 
     def forward(self, x, cos, sin):
-        """Interleaved layout: x [B, H, T, Dh], cos/sin [T, Dh/2]."""
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        """x [..., T, Dh] (e.g. [B, H, T, Dh]) rotated at T positions; cos/sin [T, Dh/2]."""
+        if self.layout == "half":
+            return _RotateHalf.apply(x, cos, sin)
+        if torch.compiler.is_compiling():
+            return _rotate_pairs_plain(x, cos, sin)
+        return _rotate_pairs(x, cos, sin, 1.0, _empty_like(x, cos)) if not x.requires_grad else \
+            _RotaryPairs.apply(x, cos, sin)
 
-    def rotate_qk(self, qk, cos, sin):
-        """Half layout, q and k at once: qk [B, T, 2, H, Dh] (a view of the qkv projection),
-        cos/sin [T, Dh/2]."""
-        return _RotateHalf.apply(qk, cos[:, None, None, :], sin[:, None, None, :])
+    def rotate_qkv(self, qkv, cos, sin):
+        """qkv [B, T, 3, H, Dh] (the fused projection's view) -> (q and k rotated [B, T, 2, H, Dh],
+        v [B, T, H, Dh]); cos/sin [T, Dh/2]."""
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        if torch.compiler.is_compiling():
+            qk = qkv[:, :, :2]
+            qk = _RotateHalf.apply(qk, cos, sin) if self.layout == "half" else _rotate_pairs_plain(qk, cos, sin)
+            return qk, qkv[:, :, 2]
+        return _RotaryQKV.apply(qkv, cos, sin, self.layout == "interleaved")
+
+
+class _RotaryPairs(torch.autograd.Function):
+    """_rotate_pairs with its inverse as the backward (recurrent mixers' q and k)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate_pairs(x, cos, sin, 1.0, _empty_like(x, cos))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate_pairs(grad, cos, sin, -1.0, _empty_like(grad, cos)), None, None
+
+
+def _rotate_pairs_plain(x, cos, sin):
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
 def rope_permutation(head_dim: int) -> torch.Tensor:

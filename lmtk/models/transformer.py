@@ -36,8 +36,8 @@ class ModelConfig:
     max_seq_len: int = 1024
     positions: str = "learned"
     rope_base: float = 10000.0
-    # "half" (rotate_half, the fast one; what conf/model sets) | "interleaved": the layout of runs
-    # written before issue 16, whose model.json has no rope_layout, hence this default
+    # "interleaved" (channel pairs 2i, 2i+1: one complex multiply on CPU; what conf/model sets, and
+    # what a model.json without the key means) | "half" (rotate_half: Hugging Face imports)
     rope_layout: str = "interleaved"
     norm: str = "layernorm"
     norm_position: str = "pre"

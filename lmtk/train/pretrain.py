@@ -120,7 +120,9 @@ def refuse_finetune_settings(cfg) -> None:
         raise UserError(f"teacher={cfg.teacher} is a distillation setting: use lmtk distill (lmtk train pretrains)")
 
 
-def run(cfg, recipe: str, overrides: list[str]) -> dict:
+def run(cfg, recipe: str, overrides: list[str], parents: dict | None = None) -> dict:
+    """`lmtk train`. `parents`: run.json's lineage of a run another command started (lmtk search's
+    candidates name their search)."""
     from lmtk import dist as distributed
 
     refuse_finetune_settings(cfg)
@@ -129,10 +131,10 @@ def run(cfg, recipe: str, overrides: list[str]) -> dict:
         cpu_note = cpu_budget_note(cfg, dev) if dist.main else None
         if cpu_note:
             console.print(cpu_note, markup=False, soft_wrap=True)
-        return _run(cfg, recipe, overrides, dev, dtype, dist)
+        return _run(cfg, recipe, overrides, dev, dtype, dist, parents)
 
 
-def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
+def _run(cfg, recipe, overrides, dev, dtype, dist, parents=None) -> dict:
     root = runs_root(cfg.run.root)
     name = dist.broadcast(_run_name(cfg))  # a timestamped default name must be the same on every rank
     name, ckpt = resume.target(cfg, name)
@@ -158,7 +160,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     return RunDir.write_run(
         root, cfg, kind="train", recipe=recipe, overrides=overrides, device=_describe(dev, dtype, dist.world, dist.strategy),
         save_tokenizer=lambda path: copy_tokenizer(tok, path), model=mcfg.to_dict(), ckpt=ckpt, ckpt_step=ckpt_step,
-        changes=changes, same=same, body=lambda rundir: _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta))
+        changes=changes, same=same, parents=parents, body=lambda rundir: _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta))
 
 
 def _check_mixer_reads_both_ways(cfg, mcfg) -> None:

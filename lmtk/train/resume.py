@@ -84,11 +84,12 @@ def _with_old_defaults(saved: dict) -> dict:
 
 def adopt_old_model_keys(ckpt: Path, cfg) -> None:
     """A checkpoint written before a model key existed was trained with that key's old meaning:
-    its run (resumed, or a new run started from it) takes it. model.rope_layout: the recipes now
-    say `half`, checkpoints without the key hold interleaved-layout weights."""
+    its run (resumed, or a new run started from it) takes it. model.rope_layout: the checkpoint's
+    weights are in its own layout (interleaved where the key is missing), whatever the recipe
+    says today (half between 2026-11-29 and 12-02, interleaved before and after)."""
     saved = checkpoint.read_meta(ckpt).get("model", {})
-    if cfg.model.get("positions") == "rope" and "rope_layout" not in saved and saved.get("positions") == "rope":
-        OmegaConf.update(cfg, "model.rope_layout", "interleaved")
+    if cfg.model.get("positions") == "rope" and saved.get("positions") == "rope":
+        OmegaConf.update(cfg, "model.rope_layout", saved.get("rope_layout", "interleaved"))
 
 
 def check(ckpt: Path, cfg, model_meta: dict, tok, data_meta: dict, same: bool) -> tuple[int, dict]:

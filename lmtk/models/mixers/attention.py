@@ -46,7 +46,6 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
         self.rotary = Rotary(self.head_dim, cfg.rope_base, cfg.max_seq_len, cfg.rope_layout) if cfg.positions == "rope" else None
-        self.half = self.rotary is not None and cfg.rope_layout == "half"
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None):
         """(y [B, T, D], new state). Decoding (decode=True) returns the KV cache extended by this
@@ -56,22 +55,18 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         if Hkv == H:
             qkv = qkv.view(B, T, 3, H, Dh)
-            if self.half:  # q and k rotated in one pass, before the heads move in front of time
+            if self.rotary is not None:  # q and k rotated in one op, before the heads move in front of time
                 cos, sin = self.rotary.cos_sin(T, qkv.dtype, offset)
-                q, k = (t.transpose(1, 2) for t in self.rotary.rotate_qk(qkv[:, :, :2], cos, sin).unbind(2))
-                v = qkv[:, :, 2].transpose(1, 2)
+                qk, v = self.rotary.rotate_qkv(qkv, cos, sin)
+                q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), v.transpose(1, 2)
             else:
                 q, k, v = qkv.permute(2, 0, 3, 1, 4)
         else:  # grouped-query: fewer k/v heads than q heads
             q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-            q, k, v = q.view(B, T, H, Dh), k.view(B, T, Hkv, Dh), v.view(B, T, Hkv, Dh)
-            if self.half:
+            q, k, v = (t.view(B, T, -1, Dh).transpose(1, 2) for t in (q, k, v))
+            if self.rotary is not None:
                 cos, sin = self.rotary.cos_sin(T, q.dtype, offset)
-                q, k = (self.rotary.rotate_qk(t.unsqueeze(2), cos, sin).squeeze(2) for t in (q, k))
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if self.rotary is not None and not self.half:
-            cos, sin = self.rotary.cos_sin(T, q.dtype, offset)
-            q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+                q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         if state is not None:
             k = torch.cat([state[0], k], dim=2)
             v = torch.cat([state[1], v], dim=2)
