@@ -273,6 +273,9 @@ def _check(cfg) -> None:
     if m.positions in ("learned", "sinusoidal") and cfg.data.seq_len > m.max_seq_len:
         # both position tables have max_seq_len rows
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.parametrization == "mup" and (m.mup_base_width is None or m.mup_base_width < 1):
+        raise UserError(f"model.parametrization=mup needs model.mup_base_width >= 1, the d_model the learning rate "
+                        f"was tuned at (got {m.mup_base_width})")
     if m.norm_eps is not None and m.norm_eps <= 0:
         raise UserError(f"model.norm_eps={m.norm_eps} must be positive (or null: the norm's usual)")
     if cfg.objective.head_chunk < 1:

@@ -47,6 +47,8 @@ class ModelCfg:
     head_bias: bool = False  # a bias on the LM head (BERT's decoder bias)
     pooler: bool = False  # dense + tanh on the first token (BERT's pooler)
     moe: Any = None  # model.mlp=moe: experts, top_k, d_expert, router, balance, kind (checked by models/moe.py Config)
+    parametrization: str = "standard"  # standard | mup (width-dependent init, per-layer lrs, readout multiplier)
+    mup_base_width: Optional[int] = None  # mup: the d_model the learning rate was tuned at
 
 
 @dataclass
@@ -269,6 +271,7 @@ CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("gelu", "gelu-tanh", "gated-gelu", "swiglu", "moe"),
+    "model.parametrization": ("standard", "mup"),
     "objective.name": ("clm", "mlm", "antlm", "gpt-bert"),
     "data.source": ("embedded", "text", "hf"),
     "tokenizer.kind": ("bpe", "wordpiece"),

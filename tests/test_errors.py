@@ -90,6 +90,7 @@ ROWS = [
     ("bad-choice", ["train", "precision=fp8"], "precision=fp8 is not one of: auto, fp32, bf16, fp16"),
     ("no-budget", ["train", "budget.hours=null"], "no budget: set one of budget.steps"),
     ("batch-not-multiple", ["train", "train.batch_size=10", "train.micro_batch_size=4"], "is not a multiple of train.micro_batch_size"),
+    ("mup-no-base-width", ["train", "model.parametrization=mup"], "model.parametrization=mup needs model.mup_base_width"),
     ("seq-too-long", ["train", "model.positions=learned", "model.max_seq_len=64", "data.seq_len=128"], "exceeds model.max_seq_len"),
     ("missing-data-file", ["train", "data=text", "data.train={base}/data/nope.txt"], "data file not found"),
     ("glob-matches-nothing", ["train", "data=text", "data.train={base}/data/*.md"], "no files match"),

@@ -175,6 +175,8 @@ BERT_SHAPE = dict(norm_position="post", embedding_norm=True, head_transform=True
      "model.mixer.kv_shift=true (KV shifting attention): no transformers class"),
     (False, dict(positions="rope", norm="rmsnorm", mlp="swiglu", window=4, bias=True), "model.window=4 with model.bias=true: MistralForCausalLM"),
     (False, dict(embedding_norm=True), "model.embedding_norm=true: neither GPT-2 nor Llama"),
+    (False, dict(positions="rope", norm="rmsnorm", mlp="swiglu", parametrization="mup", mup_base_width=16),
+     "model.parametrization=mup at model.d_model=32 != model.mup_base_width=16: its logit multiplier"),
 ])
 def test_options_without_a_transformers_class_are_named(masked, options, blocked):
     from lmtk.models import ModelConfig

@@ -134,9 +134,7 @@ class DistillObjective:
             return loss, {"phase": stage, "kd/ce": loss.detach()}
         with torch.no_grad():
             th = self.teacher.hidden(batch, causal=True)[:, :-1].reshape(-1, h.shape[-1])
-        hs = h.reshape(-1, h.shape[-1])
-        if student.head_transform is not None:
-            hs = student.head_transform(hs)
+        hs = student.head_input(h.reshape(-1, h.shape[-1]))  # head transform, muP's readout multiplier
         if self.fused and torch.is_grad_enabled():
             teacher = self.teacher
 

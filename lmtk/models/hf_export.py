@@ -68,6 +68,9 @@ def hf_family(cfg, masked: bool) -> str:
     if cfg.mixer.get("kv_shift"):
         raise Blocked("model.mixer.kv_shift=true (KV shifting attention): no transformers class mixes keys and values "
                       "with the previous token's")
+    if getattr(cfg, "parametrization", "standard") == "mup" and cfg.d_model != cfg.mup_base_width:
+        raise Blocked(f"model.parametrization=mup at model.d_model={cfg.d_model} != model.mup_base_width={cfg.mup_base_width}: "
+                      "its logit multiplier and 1/d_head attention scale are in no transformers class")
     if masked:
         return _masked_family(cfg)
     return _causal_family(cfg)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from lmtk.models import mup
 from lmtk.models.fused_ce import linear_cross_entropy
 from lmtk.models.layers import MLP, MLPS, ROPE_LAYOUTS, activation, default_d_ff, make_norm, sinusoidal_table
 from lmtk.models.mixers import build_mixer
@@ -57,6 +58,9 @@ class ModelConfig:
     head_bias: bool = False  # a bias on the LM head's logits (BERT's decoder bias)
     pooler: bool = False  # dense + tanh on the first token's final hidden state (LanguageModel.pool)
     moe: Optional[dict] = None  # mlp=moe: the experts' knobs (models/moe.py Config); None for a dense MLP
+    # muP (models/mup.py): "standard" | "mup", with the d_model the learning rate was tuned at
+    parametrization: str = "standard"
+    mup_base_width: Optional[int] = None
 
     def __post_init__(self):
         from lmtk.models.mixers import mixer_config
@@ -72,6 +76,10 @@ class ModelConfig:
         self.mixer = mixer_config({"name": self.mixer} if isinstance(self.mixer, str) else dict(self.mixer))
         if self.layers is not None and not isinstance(self.layers, str):
             self.layers = [str(n) for n in self.layers]
+        if self.parametrization not in ("standard", "mup"):
+            raise ValueError(f"parametrization={self.parametrization!r}: standard | mup")
+        if self.parametrization == "mup" and not (self.mup_base_width or 0) > 0:
+            raise ValueError("parametrization=mup needs mup_base_width, the d_model the learning rate was tuned at")
 
     def layer_mixers(self) -> list[str]:
         from lmtk.models.mixers import layer_mixers
@@ -185,6 +193,16 @@ class LanguageModel(nn.Module):
         for block in self.blocks:  # mixers own their initialisation (decay spectra, gate biases)
             if hasattr(block.mixer, "init_weights"):
                 block.mixer.init_weights()
+        # muP: hidden matrices' init std x 1/sqrt(m) (std ∝ 1/sqrt(fan_in)); their Adam lr x 1/m
+        # (lr_scales); logits x 1/m (head_input). All 1 in SP and at the base width.
+        self.mup_hidden = mup.hidden_names(self) if cfg.parametrization == "mup" else []
+        self.out_mult = mup.output_mult(cfg)
+        if self.mup_hidden:
+            hidden = set(self.mup_hidden)
+            with torch.no_grad():
+                for name, m in self.named_modules():
+                    if isinstance(m, nn.Linear) and f"{name}.weight" in hidden:
+                        m.weight.div_(math.sqrt(mup.width_mult(cfg)))
 
     def _init(self, m: nn.Module) -> None:
         std = self.cfg.init_std
@@ -272,10 +290,21 @@ class LanguageModel(nn.Module):
 
         return causal_only(self.cfg)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the LM head's matrix reads: the head transform's output (BERT's), times muP's
+        readout multiplier 1/m (absent in SP). Every path to the logits goes through it."""
         if self.head_transform is not None:
             h = self.head_transform(h)
-        return self.head(h)
+        return h if self.out_mult == 1.0 else h * self.out_mult
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_input(h))
+
+    def lr_scales(self) -> dict[str, float]:
+        """{parameter name: learning-rate multiplier} where it is not 1: muP's 1/m on hidden
+        matrices (optim.param_groups reads it)."""
+        m = mup.width_mult(self.cfg)
+        return {} if m == 1.0 else {n: 1.0 / m for n in self.mup_hidden}
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         """[B, D]: the pooler on the first token's hidden state, tanh(W h[:, 0] + b) (BERT's; what
@@ -292,9 +321,7 @@ class LanguageModel(nn.Module):
         None: fused_ce.DEFAULT_CHUNK) so that neither the [N, vocab] logits nor their gradient
         is ever materialised (models/fused_ce.py); dispatch: the plain head where rows x vocab is too
         small for that to pay (fused_ce.fused_pays)."""
-        if self.head_transform is not None:
-            h = self.head_transform(h)
-        return linear_cross_entropy(h, self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index,
+        return linear_cross_entropy(self.head_input(h), self.head.weight, targets, bias=self.head.bias, ignore_index=ignore_index,
                                     chunk=chunk, dispatch=dispatch)
 
     def align(self, part: str, inputs: dict) -> dict:

@@ -1,6 +1,6 @@
 """AdamW with parameter groups decided by parameter name: weight decay except on biases, norms,
-embeddings and the mixers' per-channel scalars (optim.no_decay), and a learning-rate scale for
-a task head (optim.head, optim.head_lr_scale). Names, not tensor ranks, decide, so a LoRA
+embeddings and the mixers' per-channel scalars (optim.no_decay), a learning-rate scale for
+a task head (optim.head, optim.head_lr_scale) and the per-parameter ones a model states (muP's). Names, not tensor ranks, decide, so a LoRA
 factor, a DoRA magnitude or a classifier bias lands where its name says, whatever its shape."""
 
 from __future__ import annotations
@@ -22,22 +22,39 @@ def matches(name: str, patterns) -> bool:
     return any(fnmatchcase(name, p) or fnmatchcase(name, "*." + p) for p in patterns)
 
 
+def lr_scales(model: torch.nn.Module) -> dict[str, float]:
+    """{parameter name: learning-rate multiplier} from every module that states its own
+    (LanguageModel.lr_scales: muP's hidden matrices), under the names `model` gives them."""
+    out = {}
+    for prefix, m in model.named_modules():
+        own = getattr(m, "lr_scales", None)
+        if callable(own):
+            out.update({f"{prefix}.{n}" if prefix else n: s for n, s in own().items()})
+    return out
+
+
 def param_groups(model: torch.nn.Module, cfg_optim) -> list[dict]:
     """[decay, no decay] (+ [head decay, head no decay] with lr_scale when the model has a head)
-    over the trainable parameters, in the model's order; a tied parameter counts once, under its
+    (+ a group per further lr multiplier a module states: muP's hidden matrices, lr x 1/m) over
+    the trainable parameters, in the model's order; a tied parameter counts once, under its
     first name."""
     no_decay = list(getattr(cfg_optim, "no_decay", None) or NO_DECAY)
     head = list(getattr(cfg_optim, "head", None) or HEAD)
     head_scale = float(getattr(cfg_optim, "head_lr_scale", 1.0) or 1.0)
-    buckets = {(h, nd): [] for h in (False, True) for nd in (False, True)}
+    scales = lr_scales(model)
+    buckets = {(h, nd, 1.0): [] for h in (False, True) for nd in (False, True)}
     for name, p in model.named_parameters():  # duplicates (tied weights) removed
         if p.requires_grad:
-            buckets[(matches(name, head), matches(name, no_decay))].append(p)
+            buckets.setdefault((matches(name, head), matches(name, no_decay), scales.get(name, 1.0)), []).append(p)
     wd = cfg_optim.weight_decay
-    groups = [{"params": buckets[(False, False)], "weight_decay": wd}, {"params": buckets[(False, True)], "weight_decay": 0.0}]
-    if buckets[(True, False)] or buckets[(True, True)]:
-        groups += [{"params": buckets[(True, False)], "weight_decay": wd, "lr_scale": head_scale},
-                   {"params": buckets[(True, True)], "weight_decay": 0.0, "lr_scale": head_scale}]
+    groups = [{"params": buckets[(False, False, 1.0)], "weight_decay": wd},
+              {"params": buckets[(False, True, 1.0)], "weight_decay": 0.0}]
+    if buckets[(True, False, 1.0)] or buckets[(True, True, 1.0)]:
+        groups += [{"params": buckets[(True, False, 1.0)], "weight_decay": wd, "lr_scale": head_scale},
+                   {"params": buckets[(True, True, 1.0)], "weight_decay": 0.0, "lr_scale": head_scale}]
+    for (h, nd, s), params in buckets.items():
+        if s != 1.0:
+            groups.append({"params": params, "weight_decay": 0.0 if nd else wd, "lr_scale": (head_scale if h else 1.0) * s})
     return groups
 
 
@@ -54,7 +71,7 @@ def build_optimizer(model: torch.nn.Module, cfg_optim, lr: float, device: torch.
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    """The step's learning rate into every group, scaled by the group's lr_scale (a head's)."""
+    """The step's learning rate into every group, scaled by the group's lr_scale (a head's, muP's)."""
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 

@@ -2,7 +2,7 @@
 on GPU), with grouped-query heads, an optional sliding window and a KV cache for decoding.
 
     q = x W_q,  k = x W_k,  v = x W_v        (n_kv_heads <= n_heads: each k/v head serves a group)
-    o_i = sum_{j in N(i)} softmax_j(q_i k_j / sqrt(d)) v_j
+    o_i = sum_{j in N(i)} softmax_j(q_i k_j / sqrt(d)) v_j     (muP: q_i k_j sqrt(d_0) / d, models/mup.py)
     N(i) = {j <= i}  (causal; and j > i - window with a sliding window) | all j (bidirectional)
 
 Decoding passes the cache of earlier positions as `state` = (k, v) [B, n_kv_heads, S, Dh] and
@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmtk.models import mup
 from lmtk.models.layers import Rotary, alibi_bias, alibi_slopes
 
 
@@ -56,6 +57,7 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
+        self.scale = mup.attention_scale(cfg, self.head_dim)  # None: 1/sqrt(d); muP: ∝ 1/d (models/mup.py)
         self.window = cfg.window
         # one projection for q, k and v: [H + 2 Hkv] heads (the layout of 3 x d when Hkv == H)
         self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=cfg.bias)
@@ -113,7 +115,7 @@ class Attention(nn.Module):
             mask, is_causal = self._alibi(mask, is_causal, T, k.shape[2], q.dtype), False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv != self.n_heads,
+            enable_gqa=self.n_kv != self.n_heads, scale=self.scale,
         )
         new_state = None
         if decode:
