@@ -268,6 +268,11 @@ def _check(cfg) -> None:
         raise UserError(f"objective.head_chunk={cfg.objective.head_chunk} must be at least 1")
     if not 0 < cfg.objective.mask_rate < 1:
         raise UserError("objective.mask_rate must be between 0 and 1")
+    o = cfg.objective
+    if o.name == "mtp" and not 1 <= o.mtp_k < cfg.data.seq_len:
+        raise UserError(f"objective.mtp_k={o.mtp_k} must be at least 1 (1: clm) and below data.seq_len={cfg.data.seq_len}")
+    if o.name == "rts" and not 0 < o.replace_rate < 1:
+        raise UserError(f"objective.replace_rate={o.replace_rate} must be between 0 and 1")
     if not 0 < cfg.val.mask_rate < 1:
         raise UserError("val.mask_rate must be between 0 and 1")
     if cfg.data.seq_len < 2:

@@ -162,6 +162,7 @@ def _train(cfg, rundir, base, model, info, task, data, dev, dtype, ckpt, dist, d
         what = f"{task.name} ({task.kind}, {task.train.n:,} train / {task.val.n:,} val examples)"
     else:
         objective = build_objective(cfg.objective, base.tok)
+        objective.attach(model)  # an objective's own heads (mtp, rts) start fresh: a base keeps none
         val_objectives = objective.val_objectives(cfg.val.mask_rate)
         if model.causal_only:
             val_objectives.pop("mlm", None)

@@ -84,7 +84,7 @@ def cpu_budget_note(cfg, dev: torch.device) -> str | None:
         return None  # a bad model config fails with its own message later
     with torch.device("meta"):
         model = LanguageModel(mcfg)
-    head_fraction = cfg.objective.mask_rate if cfg.objective.name == "mlm" else 1.0
+    head_fraction = {"mlm": cfg.objective.mask_rate, "mtp": cfg.objective.mtp_k}.get(cfg.objective.name, 1.0)
     flops = model.flops_per_token(cfg.data.seq_len, head_fraction)
     rate = CPU_GFLOPS_PER_THREAD * 1e9 * torch.get_num_threads()
     tok_s = rate / flops
@@ -182,6 +182,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
+    objective.attach(model)  # its own heads (mtp, rts), before the optimizer and a resume's weights
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
