@@ -214,15 +214,30 @@ def load_weights(model, ckpt: Path, objective_heads: bool = False) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as err:
         raise UserError(f"checkpoint {ckpt} does not fit this model: {str(err).splitlines()[0]}") from None
-    heads = sorted({k[len(OBJECTIVE_HEADS):].split(".")[0] for k in [*missing, *unexpected] if k.startswith(OBJECTIVE_HEADS)})
-    if heads:
-        raise UserError(f"checkpoint {ckpt} and this run's objective differ in their training heads ({', '.join(heads)}): "
-                        "a run continues with its own objective; to train a checkpoint with another one, "
-                        "use lmtk finetune base=CHECKPOINT objective=NAME (data=text ...)")
+    _refuse_other_heads(ckpt, [*missing, *unexpected])
     if missing or unexpected:
         raise UserError(
             f"checkpoint {ckpt} is for a different architecture (missing {len(missing)}, unexpected {len(unexpected)} tensors)"
         )
+
+
+def check_objective_heads(ckpt: Path, model) -> None:
+    """Refuse, before any run directory is written, to continue training `ckpt` with an objective whose
+    training heads (model.objective_heads, attached) are not the checkpoint's."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        have = {k for k in f.keys() if k.startswith(OBJECTIVE_HEADS)}
+    want = {OBJECTIVE_HEADS + k for k in model.objective_heads.state_dict()}
+    _refuse_other_heads(ckpt, have ^ want)
+
+
+def _refuse_other_heads(ckpt: Path, names) -> None:
+    heads = sorted({k[len(OBJECTIVE_HEADS):].split(".")[0] for k in names if k.startswith(OBJECTIVE_HEADS)})
+    if heads:
+        raise UserError(f"checkpoint {ckpt} and this run's objective differ in their training heads ({', '.join(heads)}): "
+                        "a run continues with its checkpoint's objective; to train a checkpoint with another one, "
+                        f"use lmtk finetune base={ckpt} objective=NAME data=...")
 
 
 def load_state(ckpt: Path) -> dict:

@@ -269,10 +269,14 @@ def _check(cfg) -> None:
     if not 0 < cfg.objective.mask_rate < 1:
         raise UserError("objective.mask_rate must be between 0 and 1")
     o = cfg.objective
-    if o.name == "mtp" and not 1 <= o.mtp_k < cfg.data.seq_len:
-        raise UserError(f"objective.mtp_k={o.mtp_k} must be at least 1 (1: clm) and below data.seq_len={cfg.data.seq_len}")
-    if o.name == "rts" and not 0 < o.replace_rate < 1:
-        raise UserError(f"objective.replace_rate={o.replace_rate} must be between 0 and 1")
+    if o.name == "mtp":
+        from lmtk.objectives.mtp import check_knobs
+
+        check_knobs(o.mtp_k, list(o.mtp_weights), cfg.data.seq_len)
+    if o.name == "rts":
+        from lmtk.objectives.rts import check_knobs
+
+        check_knobs(o.replace_rate, o.lm_weight)
     if not 0 < cfg.val.mask_rate < 1:
         raise UserError("val.mask_rate must be between 0 and 1")
     if cfg.data.seq_len < 2:

@@ -38,21 +38,26 @@ class FutureHead(nn.Module):
         return self.norm(h + self.mlp(h))
 
 
+def check_knobs(k: int, weights: list, seq_len: int | None = None) -> list[float]:
+    """The heads' weights (main head first) for objective.mtp_k / mtp_weights, or a one-line error."""
+    if k < 1 or (seq_len is not None and k >= seq_len):
+        raise UserError(f"objective.mtp_k={k} must be at least 1 (1: clm)" + (f" and below data.seq_len={seq_len}" if seq_len else ""))
+    weights = [float(w) for w in weights or []]
+    if weights and len(weights) != k:
+        raise UserError(f"objective.mtp_weights has {len(weights)} weights for objective.mtp_k={k} heads; "
+                        "give one per head (the main head first), or [] for equal weights")
+    if weights and (min(weights) < 0 or weights[0] <= 0):
+        raise UserError(f"objective.mtp_weights={weights}: weights must be >= 0 and the main head's (the first) > 0")
+    return weights or [1.0] * k
+
+
 class MTP(Objective):
     name = "mtp"
 
     def __init__(self, cfg, tok):
         super().__init__(cfg, tok)
         self.k = int(getattr(cfg, "mtp_k", 4))
-        if self.k < 1:
-            raise UserError(f"objective.mtp_k={self.k}: the number of tokens predicted ahead must be >= 1 (1 is clm)")
-        weights = list(getattr(cfg, "mtp_weights", None) or [])
-        if weights and len(weights) != self.k:
-            raise UserError(f"objective.mtp_weights has {len(weights)} weights for objective.mtp_k={self.k} heads; "
-                            "give one per head (the main head first) or [] for equal weights")
-        if weights and (any(w < 0 for w in weights) or weights[0] <= 0):
-            raise UserError(f"objective.mtp_weights={weights}: weights must be >= 0, the main head's (first) > 0")
-        self.weights = [float(w) for w in weights] or [1.0] * self.k
+        self.weights = check_knobs(self.k, list(getattr(cfg, "mtp_weights", None) or []))
         self.head_fraction = float(self.k)  # the unembedding runs once per head on (nearly) every position
         self.clm = CLM(cfg, tok)
 

@@ -29,6 +29,13 @@ from lmtk.errors import UserError
 from lmtk.objectives import Objective
 
 
+def check_knobs(rate: float, lm_weight: float) -> None:
+    if not 0 < rate < 1:
+        raise UserError(f"objective.replace_rate={rate} must be between 0 and 1 (the share of tokens replaced)")
+    if lm_weight < 0:
+        raise UserError(f"objective.lm_weight={lm_weight} must be >= 0 (0: replaced-token detection alone)")
+
+
 class ReplacedHead(nn.Module):
     """Per-token replaced/original logit: w . act(W h + b) + c."""
 
@@ -53,10 +60,7 @@ class RTS(Objective):
         super().__init__(cfg, tok)
         self.rate = float(getattr(cfg, "replace_rate", 0.15))
         self.lm_weight = float(getattr(cfg, "lm_weight", 0.0))
-        if not 0 < self.rate <= 1:
-            raise UserError(f"objective.replace_rate={self.rate}: the share of tokens replaced must be in (0, 1]")
-        if self.lm_weight < 0:
-            raise UserError(f"objective.lm_weight={self.lm_weight} must be >= 0 (0: replaced-token detection alone)")
+        check_knobs(self.rate, self.lm_weight)
         self.head_fraction = self.rate if self.lm_weight > 0 else 0.0  # the LM head runs on the replaced positions only
         # replacements: the non-special ids (lmtk's tokenizers: n_special..V-1; an imported one: a table),
         # and where each id sits in that table (-1: special), to draw "anything but the original"

@@ -155,6 +155,14 @@ def _run(cfg, recipe, overrides, dev, dtype, dist, parents=None) -> dict:
     # checks that refuse a resume before any run directory is created or changed
     same = ckpt is not None and resume.same_run(cfg, name, ckpt)
     ckpt_step, changes = resume.check(ckpt, cfg, mcfg.to_dict(), tok, data_meta, same) if ckpt is not None else (0, {})
+    if ckpt is not None:  # an objective's own heads (mtp, rts) must be the checkpoint's
+        from lmtk.checkpoint import check_objective_heads
+        from lmtk.models import LanguageModel
+
+        with torch.device("meta"):
+            shape = LanguageModel(mcfg)
+            build_objective(cfg.objective, tok).attach(shape)
+        check_objective_heads(ckpt, shape)
     if not dist.main:  # only rank 0 writes the run directory
         return _train(cfg, None, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta)
     return RunDir.write_run(
