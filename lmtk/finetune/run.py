@@ -47,7 +47,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     base = resolve_base(cfg.base, root)
     with_task = cfg.task.source != "none"
     if not any(o.split("=")[0].lstrip("+") in ("objective", "objective.name") for o in overrides) and base.objective \
-            and not with_task and base.objective in ("clm", "mlm", "antlm", "gpt-bert"):
+            and not with_task and base.objective in ("clm", "mlm", "antlm", "gpt-bert", "mtp", "rts"):
         OmegaConf.update(cfg, "objective.name", base.objective)  # continued LM training: the base's own objective
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "base", base.path)
