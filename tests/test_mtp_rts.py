@@ -4,16 +4,17 @@ dropped for inference and export), and that both learn on real text."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import helpers
 from lmtk.models import ModelConfig, build_model
 from lmtk.objectives import CLM, build_objective
 from lmtk.objectives.mtp import MTP
@@ -131,7 +132,7 @@ def test_rts_replacement_is_uniform_over_the_other_tokens():
     gen = torch.Generator().manual_seed(0)
     x0 = torch.full((2000, 8), 6)
     x0[:, 4:] = 3  # the second half: a special token
-    x, pos, labels = rts.corrupt(x0, gen)
+    x, _, labels = rts.corrupt(x0, gen)
     regular, special = x[:, :4][labels[:, :4].bool()], x[:, 4:][labels[:, 4:].bool()]
     assert set(regular.tolist()) == {5, 7} and abs((regular == 5).float().mean().item() - 0.5) < 0.05
     assert set(special.tolist()) == {5, 6, 7}
@@ -205,14 +206,14 @@ def test_mtp_resume_is_exact_and_inference_drops_the_heads(lmtk_env, tmp_path):
     shutil.rmtree(runs / "B" / "checkpoints" / "final")
     info = helpers.info(runs / "B")
     info["status"] = "running"
-    (runs / "B" / "run.json").write_text(__import__("json").dumps(info))
+    (runs / "B" / "run.json").write_text(json.dumps(info))
     helpers.train(*common, "run.name=B", f"checkpoint.every={n}", "resume=auto")
     wa, wb = (load_file(str(runs / r / "checkpoints" / "final" / "model.safetensors")) for r in "AB")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # the heads included
     la, lb = ({m["step"]: m["loss"] for m in helpers.metrics(runs / r) if "loss" in m} for r in "AB")
     assert lb == la
     # inference: the model's own head alone; eval, generate and export load the checkpoint without the heads
-    lm, tok, meta = load_pretrained(runs / "A")
+    lm, _, meta = load_pretrained(runs / "A")
     assert len(lm.objective_heads) == 0 and meta["objective"]["name"] == "mtp"
     out = tmp_path / "hf"
     export_hf(str(runs / "A"), out)

@@ -64,7 +64,7 @@ class RTS(Objective):
         self.head_fraction = self.rate if self.lm_weight > 0 else 0.0  # the LM head runs on the replaced positions only
         # replacements: the non-special ids (lmtk's tokenizers: n_special..V-1; an imported one: a table),
         # and where each id sits in that table (-1: special), to draw "anything but the original"
-        specials = set(i for i in tok.special_ids if i < self.vocab)
+        specials = {i for i in tok.special_ids if i < self.vocab}
         keep = torch.ones(self.vocab, dtype=torch.bool)
         keep[sorted(specials)] = False
         self.table = keep.nonzero().squeeze(1)
