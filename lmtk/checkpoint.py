@@ -194,17 +194,50 @@ def objective_name(meta: dict) -> str | None:
     return obj.get("name") if isinstance(obj, dict) else obj
 
 
-def load_weights(model, ckpt: Path) -> None:
-    from safetensors.torch import load_model
+OBJECTIVE_HEADS = "objective_heads."  # LanguageModel.objective_heads: an objective's training-only heads
+
+
+def load_weights(model, ckpt: Path, objective_heads: bool = False) -> None:
+    """The checkpoint's tensors into `model`, every one of them. An objective's training-only heads
+    (mtp's extra heads, rts's classifier: `objective_heads.*`) are dropped unless objective_heads
+    (resuming training, whose objective attached the same heads): generation, evaluation, export and
+    fine-tuning use the model's own head alone."""
+    from safetensors.torch import load_file
 
     try:
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+        state = load_file(str(ckpt / "model.safetensors"))
+        if not objective_heads:
+            state = {k: v for k, v in state.items() if not k.startswith(OBJECTIVE_HEADS)}
+        for tied in parameter_names(model).values():  # the file holds one name of a tied parameter
+            there = [n for n in tied if n in state]
+            state.update({n: state[there[0]] for n in tied if there and n not in state})
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as err:
         raise UserError(f"checkpoint {ckpt} does not fit this model: {str(err).splitlines()[0]}") from None
+    _refuse_other_heads(ckpt, [*missing, *unexpected])
     if missing or unexpected:
         raise UserError(
             f"checkpoint {ckpt} is for a different architecture (missing {len(missing)}, unexpected {len(unexpected)} tensors)"
         )
+
+
+def check_objective_heads(ckpt: Path, model) -> None:
+    """Refuse, before any run directory is written, to continue training `ckpt` with an objective whose
+    training heads (model.objective_heads, attached) are not the checkpoint's."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        have = {k for k in f.keys() if k.startswith(OBJECTIVE_HEADS)}
+    want = {OBJECTIVE_HEADS + k for k in model.objective_heads.state_dict()}
+    _refuse_other_heads(ckpt, have ^ want)
+
+
+def _refuse_other_heads(ckpt: Path, names) -> None:
+    heads = sorted({k[len(OBJECTIVE_HEADS):].split(".")[0] for k in names if k.startswith(OBJECTIVE_HEADS)})
+    if heads:
+        raise UserError(f"checkpoint {ckpt} and this run's objective differ in their training heads ({', '.join(heads)}): "
+                        "a run continues with its checkpoint's objective; to train a checkpoint with another one, "
+                        f"use lmtk finetune base={ckpt} objective=NAME data=...")
 
 
 def load_state(ckpt: Path) -> dict:

@@ -282,6 +282,15 @@ def _check(cfg) -> None:
         raise UserError(f"objective.head_chunk={cfg.objective.head_chunk} must be at least 1")
     if not 0 < cfg.objective.mask_rate < 1:
         raise UserError("objective.mask_rate must be between 0 and 1")
+    o = cfg.objective
+    if o.name == "mtp":
+        from lmtk.objectives.mtp import check_knobs
+
+        check_knobs(o.mtp_k, list(o.mtp_weights), cfg.data.seq_len)
+    if o.name == "rts":
+        from lmtk.objectives.rts import check_knobs
+
+        check_knobs(o.replace_rate, o.lm_weight)
     if not 0 < cfg.val.mask_rate < 1:
         raise UserError("val.mask_rate must be between 0 and 1")
     if cfg.data.seq_len < 2:

@@ -53,7 +53,7 @@ class ModelCfg:
 
 @dataclass
 class ObjectiveCfg:
-    name: str = "clm"  # clm | mlm | antlm | gpt-bert
+    name: str = "clm"  # clm | mlm | antlm | gpt-bert | mtp | rts
     mask_rate: float = 0.15
     mask_token_frac: float = 0.8  # of the selected positions: 80% [MASK]
     random_token_frac: float = 0.1  # 10% random token, the rest unchanged
@@ -61,6 +61,10 @@ class ObjectiveCfg:
     phases: List[str] = field(default_factory=list)  # antlm: ["clm:4", "mlm:16", "clm:4"]
     causal_weight: int = 1  # gpt-bert: causal:masked micro-batch ratio
     masked_weight: int = 15
+    mtp_k: int = 4  # mtp: tokens predicted ahead, the main (next-token) head included (1: clm)
+    mtp_weights: List[float] = field(default_factory=list)  # mtp: a weight per head, main first ([]: equal)
+    replace_rate: float = 0.15  # rts: share of tokens replaced by random ones
+    lm_weight: float = 0.0  # rts: weight of the swapped-token LM loss beside detection (0: detection alone)
     fused_head: bool = True  # training loss by the chunked head + cross-entropy (no [N, vocab] logits); false: plain head
     head_chunk: int = 1024  # fused head: rows per chunk (memory: one [head_chunk, vocab] buffer)
 
@@ -272,7 +276,7 @@ CHOICES = {
     "model.norm_position": ("pre", "post"),
     "model.mlp": ("gelu", "gelu-tanh", "gated-gelu", "swiglu", "moe"),
     "model.parametrization": ("standard", "mup"),
-    "objective.name": ("clm", "mlm", "antlm", "gpt-bert"),
+    "objective.name": ("clm", "mlm", "antlm", "gpt-bert", "mtp", "rts"),
     "data.source": ("embedded", "text", "hf"),
     "tokenizer.kind": ("bpe", "wordpiece"),
     "optim.name": ("adamw",),

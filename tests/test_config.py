@@ -25,6 +25,7 @@ def _forward_and_loss(cfg) -> float:
     torch.manual_seed(0)
     model = build_model(model_config(cfg.model, VOCAB))
     obj = build_objective(cfg.objective, FAKE_TOK)
+    obj.attach(model)  # its own heads, if any (mtp, rts)
     L = min(cfg.data.seq_len, 32)
     batch = torch.randint(5, VOCAB, (2, L))
     loss, _ = obj.loss(model, batch, torch.Generator().manual_seed(0))
@@ -177,6 +178,12 @@ def test_not_key_value():
         (["model.d_model=100", "model.n_heads=3"], "divisible"),
         (["data.seq_len=4096"], "max_seq_len"),
         (["objective.mask_rate=1.5"], "mask_rate"),
+        (["objective=mtp", "objective.mtp_k=0"], "objective.mtp_k=0 must be at least 1"),
+        (["objective=mtp", "objective.mtp_k=128"], "below data.seq_len=128"),
+        (["objective=mtp", "objective.mtp_k=2", "objective.mtp_weights=[1,1,1]"], "3 weights for objective.mtp_k=2"),
+        (["objective=mtp", "objective.mtp_k=2", "objective.mtp_weights=[0,1]"], "the main head's (the first) > 0"),
+        (["objective=rts", "objective.replace_rate=1.5"], "objective.replace_rate=1.5 must be between 0 and 1"),
+        (["objective=rts", "objective.lm_weight=-1"], "objective.lm_weight=-1.0 must be >= 0"),
     ],
 )
 def test_semantic_checks(overrides, needle):

@@ -331,8 +331,8 @@ def run(target, cfg: Config) -> dict:
     scores, rows, samples = _flatten(results or {})
     notes = [f"lm-eval {getattr(lm_eval, '__version__', '?')}: {', '.join(tasks)}"
              + (f", limit {limit}" if limit is not None else "")]
-    if objective_name(getattr(target, "meta", None) or {}) == "mlm":
-        notes.append("this model was trained with MLM only: its causal (left-to-right) scores here are meaningless")
+    if objective_name(getattr(target, "meta", None) or {}) in ("mlm", "rts"):  # objectives.ENCODER_OBJECTIVES
+        notes.append("this model was trained as an encoder only: its causal (left-to-right) scores here are meaningless")
     c = lm.counts
     if c["context_cut"]:
         notes.append(f"{c['context_cut']} contexts longer than the {lm.max_len}-token window were cut from the left")

@@ -88,8 +88,8 @@ def check_causal(target) -> None:
     from lmtk.checkpoint import objective_name
 
     name = objective_name(target.meta or {})
-    if name == "mlm":
-        raise UserError(f"suite=passkey decodes left to right, but run {target.name} was trained with objective=mlm "
+    if name in ("mlm", "rts"):  # objectives.ENCODER_OBJECTIVES
+        raise UserError(f"suite=passkey decodes left to right, but run {target.name} was trained with objective={name} "
                         "(masked only: it has no causal reading); evaluate a clm, hybrid or gpt-bert run")
 
 

@@ -53,8 +53,10 @@ class Target:
 
     @property
     def masked(self) -> bool:
-        """Trained as a masked LM only (MLM): its natural reading is bidirectional."""
-        return self.objective == "mlm"
+        """Trained as a masked LM only (MLM, RTS): its natural reading is bidirectional."""
+        from lmtk.objectives import ENCODER_OBJECTIVES
+
+        return self.objective in ENCODER_OBJECTIVES
 
     def describe_mixer(self) -> str:
         return f"model.mixer={self.model_cfg.mixer['name']}"

@@ -89,8 +89,10 @@ def _lmtk_base(p: Path, key: str = "base") -> Base:
     if ft:
         encoder, objective = bool(ft.get("encoder")), ft.get("base_objective")
     else:
+        from lmtk.objectives import ENCODER_OBJECTIVES
+
         objective = checkpoint.objective_name(meta)
-        encoder = objective == "mlm"
+        encoder = objective in ENCODER_OBJECTIVES
     tok = Tokenizer.from_file(checkpoint.tokenizer_path(ckpt))
     return Base(lm=lm, tok=tok, meta=meta, path=str(p), kind="lmtk", ckpt=ckpt, encoder=encoder, objective=objective,
                 added_biases=added)

@@ -49,7 +49,7 @@ def _run(cfg, recipe, overrides, dev, dtype, dist) -> dict:
     base = resolve_base(cfg.base, root)
     with_task = cfg.task.source != "none"
     if not any(o.split("=")[0].lstrip("+") in ("objective", "objective.name") for o in overrides) and base.objective \
-            and not with_task and base.objective in ("clm", "mlm", "antlm", "gpt-bert"):
+            and not with_task and base.objective in ("clm", "mlm", "antlm", "gpt-bert", "mtp", "rts"):
         OmegaConf.update(cfg, "objective.name", base.objective)  # continued LM training: the base's own objective
     OmegaConf.update(cfg, "run.name", name)
     OmegaConf.update(cfg, "base", base.path)
@@ -171,6 +171,7 @@ def _train(cfg, rundir, base, model, info, task, data, dev, dtype, ckpt, dist, d
         what = f"{task.name} ({task.kind}, {task.train.n:,} train / {task.val.n:,} val examples)"
     else:
         objective = build_objective(cfg.objective, base.tok)
+        objective.attach(model)  # an objective's own heads (mtp, rts) start fresh: a base keeps none
         val_objectives = objective.val_objectives(cfg.val.mask_rate)
         if model.causal_only:
             val_objectives.pop("mlm", None)

@@ -29,7 +29,9 @@ which AdamW multiplies by each group's lr, so hidden matrices decay x 1/m too; r
 own score scales (e.g. GLA's 1/sqrt(d_k)) and their self-initialised parameters (identity feature
 maps, decay spectra) keep their SP form, and low-rank bottlenecks whose fan-in grows but fan-out
 does not (readout-like, which muP would give a 1/m multiplier) are left as vectors; widening by
-adding heads at a fixed head dimension (the attention scale assumes the head count is fixed).
+adding heads at a fixed head dimension (the attention scale assumes the head count is fixed);
+training objectives' own heads (objective=mtp's future heads, rts's detector) keep SP's init and lr
+(the mtp heads' logits do take the readout multiplier: they go through head_input).
 """
 
 from __future__ import annotations

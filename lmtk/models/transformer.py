@@ -189,6 +189,11 @@ class LanguageModel(nn.Module):
             self.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
         self.head_transform = HeadTransform(cfg) if cfg.head_transform else None
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.pooler else None
+        # training-only heads an objective adds (objective.attach: multi-token prediction's extra
+        # heads, RTS's replaced-token classifier): trained, optimized and checkpointed with the
+        # model, never used by logits()/generation; empty (no parameters) otherwise, and dropped
+        # when a checkpoint is loaded for inference (checkpoint.load_weights)
+        self.objective_heads = nn.ModuleDict()
         self.apply(self._init)
         for block in self.blocks:  # mixers own their initialisation (decay spectra, gate biases)
             if hasattr(block.mixer, "init_weights"):

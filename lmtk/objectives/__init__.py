@@ -52,6 +52,11 @@ class Objective(abc.ABC):
         h, pos = self.predict(model, batch, gen, *args, **kwargs)
         return _nll(model.logits(h), batch.gather(1, pos)).reshape(pos.shape), pos
 
+    def attach(self, model) -> None:
+        """Add this objective's own trainable heads to `model.objective_heads` (none by default), before
+        training starts: there they are optimized and checkpointed with the model (resume restores
+        them), while generation, evaluation and export use the model's own head alone."""
+
     def val_objectives(self, mask_rate: float = VAL_MASK_RATE) -> dict:
         """The causal and the masked reading of this model, reported at every validation; the
         masked one masks `mask_rate` (val.mask_rate) of the tokens (only with a tokenizer that has
@@ -143,8 +148,10 @@ class MLM(Objective):
 
 def objective_class(name: str) -> type[Objective]:
     from lmtk.objectives.hybrid import GPTBERT, AntLM
+    from lmtk.objectives.mtp import MTP
+    from lmtk.objectives.rts import RTS
 
-    classes = {"clm": CLM, "mlm": MLM, "antlm": AntLM, "gpt-bert": GPTBERT}
+    classes = {"clm": CLM, "mlm": MLM, "antlm": AntLM, "gpt-bert": GPTBERT, "mtp": MTP, "rts": RTS}
     if name not in classes:
         raise UserError(f"unknown objective '{name}'; choices: {', '.join(classes)}")
     return classes[name]
@@ -152,6 +159,11 @@ def objective_class(name: str) -> type[Objective]:
 
 def build_objective(cfg, tok) -> Objective:
     return objective_class(cfg.name)(cfg, tok)
+
+
+# objectives that train a masked (bidirectional) reading only, with BERT's convention (masked_shift 0):
+# their checkpoints are encoders (fine-tuning's first-token head, export as BERT, no causal reading)
+ENCODER_OBJECTIVES = ("mlm", "rts")
 
 
 class Labelled:

@@ -218,6 +218,11 @@ class _StepModel:
     def logits(self, h):
         return self.model.logits(h)
 
+    @property
+    def objective_heads(self):
+        """The objective's own heads on the model (objective.attach): run on hidden()'s output."""
+        return self.model.objective_heads
+
     def head_loss(self, h, targets, **kw):
         return self.model.head_loss(h, targets, **kw)
 
@@ -260,7 +265,7 @@ def _prepare(job: Job, dist):
     if job.resume_from is not None:
         from lmtk.checkpoint import load_weights
 
-        load_weights(model, job.resume_from)  # into the whole model, before FSDP shards it
+        load_weights(model, job.resume_from, objective_heads=True)  # into the whole model, before FSDP shards it
     if dist.fsdp:
         from lmtk.dist import shard
 

@@ -84,7 +84,7 @@ def cpu_budget_note(cfg, dev: torch.device) -> str | None:
         return None  # a bad model config fails with its own message later
     with torch.device("meta"):
         model = LanguageModel(mcfg)
-    head_fraction = cfg.objective.mask_rate if cfg.objective.name == "mlm" else 1.0
+    head_fraction = {"mlm": cfg.objective.mask_rate, "mtp": cfg.objective.mtp_k}.get(cfg.objective.name, 1.0)
     flops = model.flops_per_token(cfg.data.seq_len, head_fraction)
     rate = CPU_GFLOPS_PER_THREAD * 1e9 * torch.get_num_threads()
     tok_s = rate / flops
@@ -155,6 +155,14 @@ def _run(cfg, recipe, overrides, dev, dtype, dist, parents=None) -> dict:
     # checks that refuse a resume before any run directory is created or changed
     same = ckpt is not None and resume.same_run(cfg, name, ckpt)
     ckpt_step, changes = resume.check(ckpt, cfg, mcfg.to_dict(), tok, data_meta, same) if ckpt is not None else (0, {})
+    if ckpt is not None:  # an objective's own heads (mtp, rts) must be the checkpoint's
+        from lmtk.checkpoint import check_objective_heads
+        from lmtk.models import LanguageModel
+
+        with torch.device("meta"):
+            shape = LanguageModel(mcfg)
+            build_objective(cfg.objective, tok).attach(shape)
+        check_objective_heads(ckpt, shape)
     if not dist.main:  # only rank 0 writes the run directory
         return _train(cfg, None, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta)
     return RunDir.write_run(
@@ -182,6 +190,7 @@ def _train(cfg, rundir, tok, cache, mcfg, dev, dtype, ckpt, dist, data_meta) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     objective = build_objective(cfg.objective, tok)
+    objective.attach(model)  # its own heads (mtp, rts), before the optimizer and a resume's weights
     train_data = Batches(cache.train, cfg.data.seq_len, cfg.seed)
     val_data = Batches(cache.val, cfg.data.seq_len, cfg.seed, nbytes=cache.val_bytes)
     sinks = make_sinks(cfg, rundir, rundir.name) if rundir is not None else null_sinks()
