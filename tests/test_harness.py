@@ -401,7 +401,7 @@ def test_end_to_end_lm_eval_offline_local_tasks(tmp_path, tok, objective):
         lls = [lp for lp, _ in lm.loglikelihood([Req(doc["question"], " " + c) for c in doc["choices"]])]
         right += max(range(len(lls)), key=lls.__getitem__) == doc["label"]
     assert out["scores"]["tiny_mc/acc"] == pytest.approx(right / len(MC))
-    mlm_note = any("MLM only" in n for n in out["notes"])
+    mlm_note = any("trained as an encoder only" in n for n in out["notes"])
     assert mlm_note == (objective == "mlm")
     if objective == "clm":
         assert 0.0 <= out["scores"]["tiny_lambada/acc"] <= 1.0

@@ -302,6 +302,7 @@ def run(target, cfg: Config) -> dict:
     from lm_eval.tasks import TaskManager
 
     from lmtk.checkpoint import objective_name
+    from lmtk.objectives import ENCODER_OBJECTIVES
 
     tasks = _as_list(cfg.tasks)  # a bare name (harness.tasks=lambada_openai) is a list of one
     manager = TaskManager(include_path=cfg.include_path, include_defaults=cfg.include_defaults)
@@ -331,7 +332,7 @@ def run(target, cfg: Config) -> dict:
     scores, rows, samples = _flatten(results or {})
     notes = [f"lm-eval {getattr(lm_eval, '__version__', '?')}: {', '.join(tasks)}"
              + (f", limit {limit}" if limit is not None else "")]
-    if objective_name(getattr(target, "meta", None) or {}) in ("mlm", "rts"):  # objectives.ENCODER_OBJECTIVES
+    if objective_name(getattr(target, "meta", None) or {}) in ENCODER_OBJECTIVES:
         notes.append("this model was trained as an encoder only: its causal (left-to-right) scores here are meaningless")
     c = lm.counts
     if c["context_cut"]:

@@ -86,9 +86,10 @@ def read_answer(text: str) -> str:
 
 def check_causal(target) -> None:
     from lmtk.checkpoint import objective_name
+    from lmtk.objectives import ENCODER_OBJECTIVES
 
     name = objective_name(target.meta or {})
-    if name in ("mlm", "rts"):  # objectives.ENCODER_OBJECTIVES
+    if name in ENCODER_OBJECTIVES:
         raise UserError(f"suite=passkey decodes left to right, but run {target.name} was trained with objective={name} "
                         "(masked only: it has no causal reading); evaluate a clm, hybrid or gpt-bert run")
 

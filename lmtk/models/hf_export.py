@@ -42,7 +42,6 @@ GELU_NAMES = {"gelu": "gelu", "gelu-tanh": "gelu_new"}
 # masked reading with another convention have no transformers class (mntp: masked_shift 1)
 # Llama's gated MLP, act(gate) * up: its hidden_act for lmtk's gated MLPs
 GATED_ACTS = {"swiglu": "silu", "gated-gelu": "gelu"}
-MASKED = ("mlm", "rts")  # objectives.ENCODER_OBJECTIVES
 MASKED_ONLY = ("mntp",)
 
 
