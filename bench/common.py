@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 
@@ -25,3 +27,17 @@ def parse_with_overrides(parser, argv):
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides must be key=value)")
     args.overrides = extra
     return args
+
+
+def text_dir(path) -> Path:
+    """A corpus directory with train.txt and val.txt, resolved; exits with how to build one if absent."""
+    data = Path(path).resolve()
+    if not (data / "train.txt").is_file():
+        sys.exit(f"no {data}/train.txt: build real English with bash ../shared/corpora/english.sh {path}")
+    return data
+
+
+def steps_on_text(data, steps: int) -> list[str]:
+    """`lmtk train` overrides: the text corpus in `data` for exactly `steps` steps (the default
+    recipe's wall-clock budget off, so a loaded machine does not cut a run short)."""
+    return ["data=text", f"data.train={data}/train.txt", f"data.val={data}/val.txt", "budget.hours=null", f"budget.steps={steps}"]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
+
+from common import steps_on_text, text_dir
 
 RUNS = {  # name -> (recipe, overrides)
     "clm-only": ("default", []),
@@ -32,16 +32,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=list(RUNS))
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
-    data = Path(args.data).resolve()
-    if not (data / "train.txt").is_file():
-        sys.exit(f"no {data}/train.txt: build it with bash ../shared/corpora/english.sh {args.data}")
+    data = text_dir(args.data)
 
     from lmtk.config import compose
     from lmtk.train.pretrain import run
 
     common = [
-        "data=text", f"data.train={data}/train.txt", f"data.val={data}/val.txt", "budget.hours=null",
-        f"budget.steps={args.steps}", f"run.root={args.runs}", "run.overwrite=true", "val.tokens=65536",
+        *steps_on_text(data, args.steps), f"run.root={args.runs}", "run.overwrite=true", "val.tokens=65536",
         "logger.every=50", *args.overrides,
     ]
     results = {}

@@ -76,9 +76,7 @@ def main() -> None:
     args = common.parse_with_overrides(ap, sys.argv[1:])
     if args.step:
         return step_times(args.only, args.rounds, 5)
-    data = Path(args.data).resolve()
-    if not (data / "train.txt").is_file():
-        sys.exit(f"no {data}/train.txt")
+    data = common.text_dir(args.data)
     root = Path(args.runs or tempfile.mkdtemp(prefix="lmtk-moe-"))
 
     import torch
@@ -88,8 +86,7 @@ def main() -> None:
     from lmtk.train.pretrain import run
 
     common_args = [
-        "data=text", f"data.train={data}/train.txt", f"data.val={data}/val.txt", "budget.hours=null",
-        f"budget.steps={args.steps}", f"run.root={root}", "run.overwrite=true", "logger.every=50", *args.overrides,
+        *common.steps_on_text(data, args.steps), f"run.root={root}", "run.overwrite=true", "logger.every=50", *args.overrides,
     ]
     rows = []
     for i, name in enumerate(args.only):

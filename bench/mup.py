@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import table
+from common import steps_on_text, table
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path("/work/data/english")
@@ -50,8 +50,7 @@ def width_overrides(width: int, param: str, base: int) -> list[str]:
 
 def run_one(args, param: str, width: int, lr: float) -> dict:
     name = f"mup-{param}-w{width}-lr{lr:g}-s{args.steps}"
-    cmd = [sys.executable, "-m", "lmtk", "train", "default", "data=text", f"data.train={args.data}/train.txt",
-           f"data.val={args.data}/val.txt", f"budget.steps={args.steps}", "budget.hours=null", f"train.lr={lr}", f"run.name={name}",
+    cmd = [sys.executable, "-m", "lmtk", "train", "default", *steps_on_text(args.data, args.steps), f"train.lr={lr}", f"run.name={name}",
            "run.overwrite=true", *width_overrides(width, param, args.base), *args.overrides]
     env = dict(os.environ, LMTK_RUNS=str(Path(args.runs).resolve()))
     Path(args.runs).mkdir(parents=True, exist_ok=True)

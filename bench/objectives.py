@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import table
+from common import steps_on_text, table, text_dir
 
 RUNS = {  # name -> overrides of the default recipe
     "clm": [],
@@ -46,16 +46,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=list(RUNS), help=f"runs to make (default all: {', '.join(RUNS)})")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
-    data = Path(args.data).resolve()
-    if not (data / "train.txt").is_file():
-        sys.exit(f"no {data}/train.txt")
+    data = text_dir(args.data)
 
     from lmtk.config import compose
     from lmtk.train.pretrain import run
 
     common = [
-        "data=text", f"data.train={data}/train.txt", f"data.val={data}/val.txt", "budget.hours=null",
-        f"budget.steps={args.steps}", f"run.root={args.runs}", "run.overwrite=true", "val.tokens=65536",
+        *steps_on_text(data, args.steps), f"run.root={args.runs}", "run.overwrite=true", "val.tokens=65536",
         "logger.every=50", "val.every=0", *args.overrides,
     ]
     results = {}

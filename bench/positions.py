@@ -41,15 +41,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=list(RUNS), choices=list(RUNS), help="runs to make (overrides go before it)")
     ap.add_argument("--windows", type=int, default=16, help="length.windows: windows per multiple")
     args = common.parse_with_overrides(ap, sys.argv[1:])
-    data = Path(args.data).resolve()
-    if not (data / "train.txt").is_file():
-        sys.exit(f"no {data}/train.txt")
+    data = common.text_dir(args.data)
 
     from lmtk.config import compose
     from lmtk.train.pretrain import run
 
-    base = ["data=text", f"data.train={data}/train.txt", f"data.val={data}/val.txt", "budget.hours=null",
-            f"budget.steps={args.steps}", f"run.root={args.runs}", "logger.every=100", *args.overrides]
+    base = [*common.steps_on_text(data, args.steps), f"run.root={args.runs}", "logger.every=100", *args.overrides]
     summary = {}
     for name in args.only:
         rdir = Path(args.runs) / f"pos-{name}"
