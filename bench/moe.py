@@ -30,7 +30,7 @@ RUNS = {  # name -> overrides of the default recipe
 
 def step_times(names: list[str], rounds: int, steps: int) -> None:
     """CPU time of one training step (forward, backward, AdamW) of each model at the default
-    recipe's shape (batch 8 x 128, vocab 1024), one thread, thread CPU time, alternating rounds:
+    recipe's shape as measured (batch 8 x 128, vocab 1024), one thread, thread CPU time, alternating rounds:
     steady on a shared machine where wall-clock tok/s is not."""
     import time
 

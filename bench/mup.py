@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """muP at laptop scale: does the best learning rate stay put as the model widens?
 
-Two parts, on real English (the default recipe otherwise: 2 layers, SwiGLU, RoPE, batch 8 x 128):
+Two parts, on real English (the default recipe otherwise: 2 layers, SwiGLU, RoPE, its batch:
+8 x 128 when bench/RESULTS.md's figures were taken, 16 x 128 since 2026-12-03):
 
   sweep   `lmtk train default ... budget.steps=N` at widths 64, 128, 256 (model.n_heads fixed at 4,
           so the head dimension grows 16 -> 64 and muP's 1/d_head attention scale matters;

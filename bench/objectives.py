@@ -63,7 +63,7 @@ def main() -> None:
         s = run(compose("default", common + extra + [f"run.name={run_name}"]), "default", extra)
         results[name] = dict(s, wall=time.time() - t0, last=last_train_row(Path(args.runs) / run_name))
 
-    print(f"\nequal budget: {args.steps} steps of the default recipe (2 layers, d 128, seq 128, batch 8); {data}")
+    print(f"\nequal budget: {args.steps} steps of the default recipe (2 layers, d 128, seq 128, the recipe's batch); {data}")
     causal = [n for n in results if not n.startswith(("mlm", "rts"))]
     if causal:
         base = results.get("clm", {}).get("val/clm_loss")

@@ -3,7 +3,7 @@
 step of the real loop spends its time outside the model.
 
 1. step (default): forward + backward + clip + AdamW (as `lmtk train` builds it) of one batch at the default
-   recipe's shape (2L d128 h4, BPE-1k, 8 x 128), built in-process as bench/throughput.py
+   recipe's shape (2L d128 h4, BPE-1k, its batch x 128), built in-process as bench/throughput.py
    does, for variants run in alternating rounds in one process (A, B, C, A, B, C, ...), so a
    shared machine's load hits them alike; medians and ratios to the first variant:
      gpt2-style      learned positions, LayerNorm, GELU, biases (nanoGPT's block), before / after
