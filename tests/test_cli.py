@@ -95,6 +95,15 @@ def test_debug_env_shows_the_traceback(lmtk_env):
 # ---- listing commands ---------------------------------------------------------------------
 
 
+def test_commands_start_without_importing_dynamo():
+    """torch._dynamo is ~1.1 s of start-up: every command (and each one-line error) would pay it.
+    It is imported by torch.compile and by the first MoE built, never by the CLI and the loop."""
+    code = ("import sys, lmtk.cli, lmtk.train.pretrain, lmtk.eval.command, lmtk.finetune.run, lmtk.distill.run, lmtk.search; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_help_lists_commands():
     res = helpers.cli("--help")
     assert res.exit_code == 0

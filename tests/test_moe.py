@@ -37,6 +37,11 @@ def test_one_expert_is_the_dense_mlp(router):
         torch.testing.assert_close(moe(x), gate * dense(x), rtol=1e-5, atol=1e-6)
 
 
+def test_forward_is_eager_inside_compiled_code_once_an_moe_is_built():
+    MoE(16, 32, {"experts": 2, "top_k": 1}, False, 0.0)
+    assert getattr(MoE.forward, "_torchdynamo_disable", False)  # torch.compiler.disable's mark
+
+
 def test_each_token_gets_its_top_k_experts_gated():
     """The gathered computation equals the definition y_t = sum_{e in topk} p_t[e] FFN_e(x_t)."""
     torch.manual_seed(1)

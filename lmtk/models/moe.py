@@ -106,13 +106,13 @@ class MoE(nn.Module):
         self.d_expert = c.d_expert or max(1, d_ff // c.top_k)
         self.router = nn.Linear(d, c.experts, bias=False)
         self.experts = nn.ModuleList(MLP(d, self.d_expert, c.kind, bias, dropout) for _ in range(c.experts))
+        _forward_stays_eager()
 
     def inactive_params(self) -> int:
         """Parameters a token does not use: the E - k experts it is not routed to (for FLOPs)."""
         per_expert = sum(p.numel() for p in self.experts[0].parameters())
         return (self.n_experts - self.k) * per_expert
 
-    @torch.compiler.disable  # data-dependent slice sizes: eager even inside a compiled block
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, d]
@@ -137,6 +137,19 @@ class MoE(nn.Module):
                 self.aux_losses.add("moe/balance", balance, self.weight)
                 self.aux_losses.add("moe/usage", usage_entropy(sizes))
         return y.reshape(shape)
+
+
+_EAGER = False
+
+
+def _forward_stays_eager() -> None:
+    """MoE.forward runs eagerly even inside a compiled block (data-dependent slice sizes). The
+    torch.compiler.disable is applied when the first MoE is built, not at import: it imports
+    torch._dynamo, which was ~1.1 s of every lmtk command's start-up (--help, one-line errors)."""
+    global _EAGER
+    if not _EAGER:
+        MoE.forward = torch.compiler.disable(MoE.forward)
+        _EAGER = True
 
 
 def usage_entropy(sizes: list[int]) -> float:
