@@ -89,6 +89,28 @@ def test_hidden_matrices_get_lr_times_base_over_width(mixer):
     assert wd["blocks.0.mlp.up.weight"] == 0.1 and wd["embed.weight"] == 0.0
 
 
+@pytest.mark.parametrize("d_expert", [None, 8])
+def test_moe_experts_are_hidden_and_the_router_is_a_readout(d_expert):
+    """MoE under muP: every expert's matrices are hidden, with d_expert left to follow d_ff or set
+    (a set width grows with the model too); the router (fan-in grows, E experts do not) keeps SP's
+    init and lr and takes the readout multiplier, so its scores at init shrink as 1/sqrt(m) as the
+    logits do (muP's readout; Adam's updates then move them by O(1)), where in SP they grow as sqrt(m)."""
+    moe = {"experts": 4, "top_k": 2, "d_expert": d_expert}
+    mu = model(64, "mup", 16, mlp="moe", moe=moe)
+    experts = {f"blocks.{i}.mlp.experts.{e}.{p}.weight" for i in range(2) for e in range(4) for p in ("up", "down")}
+    assert experts <= set(mu.mup_hidden) and not any("router" in n for n in mu.mup_hidden)
+
+    def router_std(param, width):
+        m = model(width, param, 16 if param == "mup" else None, mlp="moe", moe=moe)
+        x = torch.randn(4096, width)  # unit-size coordinates, as the block's normalised input
+        with torch.no_grad():
+            return (m.blocks[0].mlp.router(x) * m.blocks[0].mlp.router_mult).std().item()
+
+    sp, mu_ = [router_std("standard", w) for w in (16, 256)], [router_std("mup", w) for w in (16, 256)]
+    assert mu_[0] == pytest.approx(sp[0], rel=1e-6)  # the base width is SP
+    assert sp[1] / sp[0] > 3 and 1 / 1.5 < mu_[1] / mu_[0] * 4 < 1.5  # SP: x sqrt(16) = 4; muP: x 4 / 16
+
+
 def _coords(param: str, width: int) -> float:
     """Mean |logit| on a fixed batch after a few Adam steps on one repeated random batch."""
     torch.manual_seed(0)

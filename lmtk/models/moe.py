@@ -99,9 +99,10 @@ def entropy_balance(logits: torch.Tensor) -> torch.Tensor:
 class MoE(nn.Module):
     aux_losses = None  # set by auxloss.collect() around a training forward
 
-    def __init__(self, d: int, d_ff: int, moe: dict, bias: bool, dropout: float):
+    def __init__(self, d: int, d_ff: int, moe: dict, bias: bool, dropout: float, router_mult: float = 1.0):
         super().__init__()
         c = Config(**moe)
+        self.router_mult = router_mult  # muP's readout multiplier base/width on the scores (models/mup.py); 1 in SP
         self.n_experts, self.k, self.sigmoid, self.weight = c.experts, c.top_k, c.router == "sigmoid", c.balance
         self.d_expert = c.d_expert or max(1, d_ff // c.top_k)
         self.router = nn.Linear(d, c.experts, bias=False)
@@ -117,6 +118,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, d]
         logits = self.router(x)  # [N, E]
+        if self.router_mult != 1.0:
+            logits = logits * self.router_mult
         scores = torch.sigmoid(logits) if self.sigmoid else torch.softmax(logits.float(), dim=-1).to(logits.dtype)
         gate, expert = scores.topk(self.k, dim=-1)  # [N, k]
         # the k N assignments sorted by expert: expert e's tokens are one contiguous slice

@@ -12,6 +12,9 @@ dimensions grow with the width (compared with the same model at twice the width)
     embedding, biases, norm scales, depthwise convolutions) and scalar-like (none):
                                         init and lr unchanged
     output logits:                      x 1/m   (the readout multiplier)
+    an MoE's router scores:             x 1/m   (a readout too: fan-in grows, the E experts do not;
+                                        without it the scores at init grow as sqrt(m), top-k sharpens
+                                        and sigmoid gates saturate as the model widens)
     attention scores:                   q.k x sqrt(d0_head) / d_head  (1/d_head, not 1/sqrt(d_head);
                                         d0_head = d_head / m, the head dimension at the base width
                                         with the same head count)
@@ -28,7 +31,8 @@ Not covered: depth (the 1/sqrt(2 n_layers) residual-output init stays as in SP);
 which AdamW multiplies by each group's lr, so hidden matrices decay x 1/m too; recurrent mixers'
 own score scales (e.g. GLA's 1/sqrt(d_k)) and their self-initialised parameters (identity feature
 maps, decay spectra) keep their SP form, and low-rank bottlenecks whose fan-in grows but fan-out
-does not (readout-like, which muP would give a 1/m multiplier) are left as vectors; widening by
+does not (readout-like, which muP would give a 1/m multiplier; the MoE router is the one that has it)
+are left as vectors; widening by
 adding heads at a fixed head dimension (the attention scale assumes the head count is fixed);
 training objectives' own heads (objective=mtp's future heads, rts's detector) keep SP's init and lr
 (the mtp heads' logits do take the readout multiplier: they go through head_input).
@@ -69,7 +73,10 @@ def hidden_names(model: torch.nn.Module) -> list[str]:
     from lmtk.models.transformer import LanguageModel
 
     cfg = model.cfg
-    wide = dataclasses.replace(cfg, d_model=2 * cfg.d_model, d_ff=2 * cfg.d_ff, parametrization="standard")
+    moe = cfg.moe
+    if moe and moe.get("d_expert"):  # a set expert width grows with the model too (null: d_ff / top_k already does)
+        moe = {**moe, "d_expert": 2 * moe["d_expert"]}
+    wide = dataclasses.replace(cfg, d_model=2 * cfg.d_model, d_ff=2 * cfg.d_ff, moe=moe, parametrization="standard")
     with torch.device("meta"):
         probe = LanguageModel(wide)
     shapes = {n: p.shape for n, p in probe.named_parameters()}

@@ -104,7 +104,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
         self.mixer = build_mixer(cfg, layer)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.bias, cfg.norm_eps)
-        self.mlp = (MoE(cfg.d_model, cfg.d_ff, cfg.moe, cfg.bias, cfg.dropout) if cfg.mlp == "moe"
+        self.mlp = (MoE(cfg.d_model, cfg.d_ff, cfg.moe, cfg.bias, cfg.dropout, router_mult=mup.output_mult(cfg)) if cfg.mlp == "moe"
                     else MLP(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.bias, cfg.dropout))
 
     def forward(self, x, causal: bool = True, state=None, offset: int = 0, decode: bool = False, attention_mask=None,
