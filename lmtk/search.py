@@ -31,6 +31,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import get_args, get_origin, get_type_hints
 
 import torch
@@ -297,7 +298,7 @@ def run(recipe: str, overrides: list[str]) -> dict:
             top = scored if s.top is None else scored[: s.top]
             for c in top:
                 _train(c, recipe, name, s.train_steps, rundir.path)
-            trained = [c for c in top if c.result.get("val_loss") is not None]
+            trained = [c for c in top if c.result.get("val_loss") is not None and math.isfinite(c.result["val_loss"])]
             record["kendall_tau"] = kendall_tau([c.result["score"] for c in trained], [-c.result["val_loss"] for c in trained])
             record["kendall_tau_params"] = kendall_tau([c.result["params"] for c in trained], [-c.result["val_loss"] for c in trained])
             record["trained"] = len(trained)
@@ -323,7 +324,7 @@ def _score(c: Candidate, root, dev, data: dict) -> None:
     it on its first search.batches training batches; a refusal becomes the candidate's error."""
     from lmtk.data.packing import Batches
     from lmtk.models import build_model, model_config
-    from lmtk.objectives import build_objective
+    from lmtk.objectives import ENCODER_OBJECTIVES, build_objective
     from lmtk.train.pretrain import (
         _check_mixer_reads_both_ways,
         prepare_data,
@@ -347,7 +348,7 @@ def _score(c: Candidate, root, dev, data: dict) -> None:
         b = cfg.train.micro_batch_size
         train = Batches(cache.train, cfg.data.seq_len, cfg.seed)
         batches = [train.get(i * b, b) for i in range(cfg.search.batches)]
-        causal = cfg.objective.name != "mlm"  # the reading the objective trains (the hybrids train the causal one too)
+        causal = cfg.objective.name not in ENCODER_OBJECTIVES  # the reading it trains (the hybrids train the causal one too)
         c.result.update(params=model.num_params(), **score_model(model, batches, causal))
     except UserError as err:
         c.error = _first_line(err)
@@ -364,8 +365,14 @@ def _train(c: Candidate, recipe: str, search: str, steps: int, search_path) -> N
     name = f"{search}-{c.index}"
     extra = [f"budget.steps={steps}", *BUDGET[1:], f"run.name={name}"]
     overrides = [o for o in c.overrides if not o.lstrip("+~").startswith(("search.", "budget.", "run.name="))] + extra
-    cfg = compose(recipe, overrides)
-    summary = pretrain.run(cfg, recipe, overrides, parents={"search": str(search_path)})
+    try:
+        cfg = compose(recipe, overrides)
+        summary = pretrain.run(cfg, recipe, overrides, parents={"search": str(search_path)})
+    except UserError as err:  # one candidate's failure (a diverged lr, say) leaves the others to train
+        c.error = f"training: {_first_line(err)}"
+        if (Path(search_path).parent / name).is_dir():
+            c.result["run"] = name
+        return
     c.result.update(run=name, val_loss=summary.get("val/loss"), val_bpb=summary.get("val/bpb"))
 
 

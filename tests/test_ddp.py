@@ -78,6 +78,15 @@ def test_two_gloo_ranks_equal_one_process(world):
     assert sorted(p.name for p in (runs / "ddp" / "checkpoints").iterdir()) == ["final", "step-000003"]
 
 
+def test_rts_with_an_untied_head_trains_under_ddp(world):
+    """objective=rts without its LM loss leaves the untied head without gradients: DDP is told so
+    (the objective's partial_steps), where it failed at step 2 waiting for them."""
+    runs, env = world
+    p = _torchrun(env, "run.name=rts", "objective=rts", "model.tie_embeddings=false", "budget.steps=3", "checkpoint.every=0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(_losses(runs / "rts")) == 3
+
+
 def test_fsdp_two_ranks_equal_one_process(world, fsdp_run):
     runs, _ = world
     a, b = _losses(runs / "single"), _losses(fsdp_run)

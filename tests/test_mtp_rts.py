@@ -161,6 +161,21 @@ def test_rts_loss_is_bce_over_all_tokens_plus_the_swapped_token_lm_loss(lm_weigh
     assert rts.head_fraction == (0.25 if lm_weight else 0.0) and rts.val_key == "mlm" and rts.bidirectional
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("lm_weight", [0.0, 0.5])
+def test_rts_every_trainable_parameter_gets_a_gradient(tied, lm_weight):
+    """Without the LM loss an untied decoder would get no gradient (DDP then hangs on it): it is
+    frozen; a tied one is the input embedding and trains; with the LM loss the head trains."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, tie_embeddings=tied))
+    rts = RTS(mcfg("rts", lm_weight=lm_weight), TOK)
+    rts.attach(m)
+    rts.loss(m, batch(), torch.Generator().manual_seed(3))[0].backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert m.embed.weight.requires_grad and m.head.weight.requires_grad == (tied or lm_weight > 0)
+
+
 def test_build_objective_knows_mtp_and_rts():
     assert isinstance(build_objective(mcfg("mtp"), TOK), MTP)
     assert isinstance(build_objective(mcfg("rts"), TOK), RTS)

@@ -201,6 +201,29 @@ def test_length_suite_on_a_tiny_trained_run(lmtk_env):
                for n in r["notes"])
 
 
+def test_length_windows_are_distinct_slots_spread_over_the_split():
+    from lmtk.eval.length import window_starts
+
+    for slots in (1, 2, 4, 8, 15, 16, 40):
+        starts = window_starts(slots * 100 + 1, 100, 16)
+        assert len(set(starts)) == len(starts) == min(16, slots) and starts[0] == 0
+        assert all(s % 100 == 0 and s + 100 <= slots * 100 for s in starts)  # whole windows inside the split
+    assert window_starts(4001, 100, 16)[:3] == [0, 200, 500]  # 40 slots: every 2.5th
+    assert window_starts(50, 100, 16) == [0]  # shorter than one window: the one there is
+
+
+@pytest.mark.parametrize("objective", ["mlm", "rts"])
+def test_length_refuses_encoder_runs(objective):
+    from types import SimpleNamespace
+
+    from lmtk.errors import UserError
+    from lmtk.eval.length import check_causal
+
+    with pytest.raises(UserError, match=f"trained with objective={objective} \\(an encoder: no causal reading\\)"):
+        check_causal(SimpleNamespace(objective=objective, name="r"))
+    check_causal(SimpleNamespace(objective="gpt-bert", name="r"))
+
+
 def test_length_config_errors():
     from lmtk.config import compose_eval
     from lmtk.errors import UserError

@@ -153,3 +153,28 @@ def test_search_trains_the_top_candidates_as_ordinary_runs(lmtk_env):
         assert r["val_loss"] == info["summary"]["val/loss"]
     assert rec["kendall_tau"] in (-1.0, 1.0) and rec["trained"] == 2
     assert json.loads((lmtk_env.runs / "t" / "run.json").read_text())["summary"]["kendall_tau"] == rec["kendall_tau"]
+
+
+def test_a_candidate_that_fails_to_train_leaves_the_others_to_train(lmtk_env, monkeypatch):
+    """A diverged candidate (any UserError from its training run) is that row's note; the rest
+    train and the tau is over those that did."""
+    from lmtk.train import pretrain
+    from lmtk.train.loop import Diverged
+
+    real = pretrain.run
+
+    def run(cfg, *a, **kw):
+        if cfg.model.n_layers == 1 and cfg.model.mixer.name == "gla":
+            raise Diverged("loss was not finite for 3 steps in a row at step 2; lower train.lr")
+        return real(cfg, *a, **kw)
+
+    monkeypatch.setattr(pretrain, "run", run)
+    res = helpers.ok("search", *SMALL, "model/mixer=[attention,gla]", "model.n_layers=[1,2]", "search.train_steps=2",
+                     "run.name=f", "val.tokens=256", "val.at_start=false")
+    rec = json.loads((lmtk_env.runs / "f" / "search.json").read_text())
+    rows = {r["candidate"]: r for r in rec["candidates"]}
+    bad = rows["model/mixer=gla model.n_layers=1"]
+    assert bad["error"].startswith("training: loss was not finite") and bad.get("val_loss") is None
+    assert rec["trained"] == 3 and all(r.get("val_loss") is not None for k, r in rows.items() if r is not bad)
+    assert "training: loss was not finite" in res.output
+    assert json.loads((lmtk_env.runs / "f" / "run.json").read_text())["status"] == "done"

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from lmtk.errors import UserError
 
-MASKED_ONLY = ("mlm", "mntp")  # objectives trained without a causal reading
 
 
 @dataclass
@@ -67,10 +66,21 @@ def why_not(model_cfg, length: int) -> tuple[str, str] | None:
     return None
 
 
+def window_starts(n_tokens: int, longest: int, windows: int) -> list[int]:
+    """Start offsets of up to `windows` windows spread evenly over the val split (its texts differ),
+    on slots of the longest window, so every multiple reads the same text: min(windows, slots)
+    distinct slots; a split too short for one longest window: slot 0 only."""
+    slots = max(1, (n_tokens - 1) // longest)
+    n = min(windows, slots)
+    return [(k * slots // n) * longest for k in range(n)]
+
+
 def check_causal(target) -> None:
-    if target.objective in MASKED_ONLY:
+    from lmtk.objectives import ENCODER_OBJECTIVES  # trained without a causal reading (mlm, rts)
+
+    if target.objective in ENCODER_OBJECTIVES:
         raise UserError(f"suite=length scores left-to-right loss by position, but run {target.name} was trained with "
-                        f"objective={target.objective} (a masked encoder: no causal reading); evaluate a clm, hybrid or gpt-bert run")
+                        f"objective={target.objective} (an encoder: no causal reading); evaluate a clm, hybrid or gpt-bert run")
 
 
 @torch.no_grad()
@@ -105,10 +115,7 @@ def run(target, cfg: Config) -> dict:
     ctx = int(rc.data.seq_len)
     val = TokenCache(Source(rc.data), target.tokenizer, ctx).val
     longest = max(cfg.multiples) * ctx
-    # windows spread evenly over the val split (its texts differ), on slots of the longest window,
-    # so every multiple reads the same text; a split too short for one longest window: slot 0 only
-    slots = max(1, (len(val) - 1) // longest)
-    starts_all = sorted({(k * slots // cfg.windows) * longest for k in range(min(cfg.windows, slots))})
+    starts_all = window_starts(len(val), longest, cfg.windows)
     model = target.model
     model.eval()
     rows, scored, skipped, n_tokens = [], {}, [], 0

@@ -78,6 +78,15 @@ class RTS(Objective):
             head = ReplacedHead(model.cfg)
             head.apply(model._init)
             model.objective_heads["rts"] = head
+        if self.lm_weight == 0:
+            # the LM head trains only through the lm_weight loss: without it, the head's own parameters
+            # (an untied decoder, an import's head transform and bias) are frozen, not left without
+            # gradients, which DDP would wait for (its second step failed); a tied decoder is the
+            # input embedding and trains as that
+            for part in (model.head, model.head_transform):
+                for p in part.parameters() if part is not None else ():
+                    if p is not model.embed.weight:
+                        p.requires_grad_(False)
 
     def corrupt(self, batch: torch.Tensor, gen: torch.Generator):
         """(corrupted batch, replaced positions [B, k], labels [B, L]: 1.0 exactly at those positions).
