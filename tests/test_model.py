@@ -301,6 +301,35 @@ def test_rms_norm_equals_the_reference(dtype):
     torch.testing.assert_close(gx, torch.autograd.grad(yf, xf, g)[0])
 
 
+def test_rms_norm_in_half_precision_accumulates_in_fp32():
+    """fp16 x^2 summed over 512 channels overflows: half precision takes F.rms_norm (fp32 inside)."""
+    from lmtk.models.layers import rms_norm
+
+    x = 20 * torch.randn(2, 512)
+    w = torch.ones(512)
+    want = torch.nn.functional.rms_norm(x, (512,), w, 1e-6)
+    got = rms_norm(x.half(), w.half(), 1e-6)
+    assert torch.isfinite(got).all() and (got.float() - want).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+def test_rotary_takes_any_strides(layout):
+    """Gradients of .sum() (every stride 0) and inputs at an odd storage offset go through the
+    interleaved complex view as through the half layout's slices."""
+    from lmtk.models.layers import Rotary
+
+    rot = Rotary(8, 1e4, 16, layout)
+    cos, sin = rot.cos_sin(6, torch.float32)
+    x = torch.randn(2, 3, 6, 8, requires_grad=True)
+    rot(x, cos, sin).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    qkv = torch.randn(2, 6, 3, 3, 8, requires_grad=True)
+    rot.rotate_qkv(qkv, cos, sin)[0].sum().backward()
+    assert torch.isfinite(qkv.grad).all()
+    odd = torch.randn(2 * 3 * 6 * 8 + 1)[1:].view(2, 3, 6, 8)
+    torch.testing.assert_close(rot(odd, cos, sin), rot(odd.clone(), cos, sin))
+
+
 @pytest.mark.parametrize("layout", ["interleaved", "half"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_rotary_qkv_op_equals_plain_rotation(layout, dtype):

@@ -37,9 +37,11 @@ class _RMSNormFn(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension. CPU eager: _RMSNormFn (2x faster than F.rms_norm at the
-    default recipe's shape); CUDA and torch.compile: F.rms_norm (a fused kernel / fused by inductor)."""
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == weight.dtype:
+    """RMSNorm over the last dimension. CPU eager in fp32/fp64: _RMSNormFn (2x faster than F.rms_norm
+    at the default recipe's shape); CUDA, torch.compile and half precision: F.rms_norm (a fused kernel /
+    fused by inductor / accumulating in fp32, where x^2 summed in fp16 overflows)."""
+    if (x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.float64)):  # half precision: F.rms_norm's fp32 accumulation
         return _RMSNormFn.apply(x, weight, eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -187,8 +189,11 @@ def _rotate_half(x, cos, sin, sign: float, out):
 def _as_complex(x):
     """[..., Dh] real -> [..., Dh/2] complex view, channels (2i, 2i+1) as one number."""
     x = x.unflatten(-1, (-1, 2))
-    if x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]):
-        x = x.contiguous()
+    # view_as_complex needs the pair dimension at stride 1 and every other stride and the offset
+    # even; anything else (a gradient of .sum() is all stride 0, an odd offset) gets a fresh copy
+    # (.contiguous() would return an already-contiguous tensor with an odd offset as it is)
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]):
+        x = x.clone(memory_format=torch.contiguous_format)
     return torch.view_as_complex(x)
 
 
