@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from lmtk.errors import UserError
 
 
-
 @dataclass
 class Config:
     multiples: List[int] = field(default_factory=lambda: [1, 2, 4, 8])  # window lengths, in training contexts

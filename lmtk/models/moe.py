@@ -98,6 +98,7 @@ def entropy_balance(logits: torch.Tensor) -> torch.Tensor:
 
 class MoE(nn.Module):
     aux_losses = None  # set by auxloss.collect() around a training forward
+    _eager = False  # forward wrapped in torch.compiler.disable yet (at the first MoE built)
 
     def __init__(self, d: int, d_ff: int, moe: dict, bias: bool, dropout: float, router_mult: float = 1.0):
         super().__init__()
@@ -107,7 +108,10 @@ class MoE(nn.Module):
         self.d_expert = c.d_expert or max(1, d_ff // c.top_k)
         self.router = nn.Linear(d, c.experts, bias=False)
         self.experts = nn.ModuleList(MLP(d, self.d_expert, c.kind, bias, dropout) for _ in range(c.experts))
-        _forward_stays_eager()
+        if not MoE._eager:
+            # data-dependent slice sizes: eager even inside a compiled block. Applied here, not as a
+            # decorator: torch.compiler.disable imports torch._dynamo, ~1.1 s of every command's start-up
+            MoE.forward, MoE._eager = torch.compiler.disable(MoE.forward), True
 
     def inactive_params(self) -> int:
         """Parameters a token does not use: the E - k experts it is not routed to (for FLOPs)."""
@@ -140,19 +144,6 @@ class MoE(nn.Module):
                 self.aux_losses.add("moe/balance", balance, self.weight)
                 self.aux_losses.add("moe/usage", usage_entropy(sizes))
         return y.reshape(shape)
-
-
-_EAGER = False
-
-
-def _forward_stays_eager() -> None:
-    """MoE.forward runs eagerly even inside a compiled block (data-dependent slice sizes). The
-    torch.compiler.disable is applied when the first MoE is built, not at import: it imports
-    torch._dynamo, which was ~1.1 s of every lmtk command's start-up (--help, one-line errors)."""
-    global _EAGER
-    if not _EAGER:
-        MoE.forward = torch.compiler.disable(MoE.forward)
-        _EAGER = True
 
 
 def usage_entropy(sizes: list[int]) -> float:
